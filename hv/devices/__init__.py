@@ -1,0 +1,53 @@
+"""Device model shared by every emulated device.
+
+A device answers accesses on one bus (port I/O or MMIO) through read()/write()
+at an offset inside its window, keeps its state as plain data (save() returns
+a dict of ints, bytes, strs, lists and dicts; restore() takes it back), and may
+offer control commands (commands() maps a command name to a handler taking the
+JSON arguments dict and returning the JSON "return" value).
+
+Interrupts reach the guest through an IrqLine handed to the device by
+hv.machine; the device never talks to KVM itself.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+class IrqLine:
+    """A guest interrupt line (a GSI of the in-kernel irqchip)."""
+
+    gsi: int
+
+    def set_level(self, level: bool) -> None:
+        raise NotImplementedError
+
+    def pulse(self) -> None:
+        """An edge: raise then lower the line."""
+        self.set_level(True)
+        self.set_level(False)
+
+
+class Device:
+    """Base of every device: a name, saved state, control commands."""
+
+    name = "device"
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+    def save(self) -> dict:
+        return {}
+
+    def restore(self, state: dict) -> None:
+        pass
+
+    def commands(self) -> dict[str, Callable[[dict], object]]:
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,165 @@
+"""Guest RAM: one anonymous host mapping seen by the guest at GPA 0.
+
+The mapping is registered with KVM as a memory slot by hv.machine. Every
+access from Python is bounds-checked and fails with GuestMemoryError instead
+of touching host memory outside the guest.
+
+KVM's dirty log sees only writes made by the guest. Writes the VMM makes
+(virtio used rings, device-written buffers) go through write()/mark_dirty(),
+which record them in a dirty bitmap of the VMM's own; migration ORs it into
+KVM's log (take_dirty_bitmap()).
+
+Bitmaps use KVM's layout everywhere in hv: little-endian uint64 words, bit
+(p % 64) of word (p // 64) stands for page frame p.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import struct
+import threading
+
+import numpy as np
+
+from .errors import GuestMemoryError
+
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+
+
+def bitmap_words(npages: int) -> int:
+    """Number of uint64 words in a bitmap covering npages pages."""
+    return (npages + 63) // 64
+
+
+class GuestMemory:
+    """Guest physical memory [0, size) backed by an anonymous mapping."""
+
+    def __init__(self, size: int):
+        if size <= 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(
+                f"guest memory size {size} is not a positive multiple of {PAGE_SIZE}")
+        self.size = size
+        self.npages = size // PAGE_SIZE
+        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._anchor = ctypes.c_char.from_buffer(self._map)
+        self.host_addr = ctypes.addressof(self._anchor)
+        self.view = memoryview(self._map)
+        self._dirty = np.zeros(self.npages, dtype=bool)
+        self._dirty_lock = threading.Lock()
+
+    # -- bounds ---------------------------------------------------------
+    def check(self, gpa: int, length: int) -> None:
+        """Raise GuestMemoryError unless [gpa, gpa+length) lies in guest RAM."""
+        if gpa < 0 or length < 0 or gpa + length > self.size:
+            raise GuestMemoryError(
+                f"guest access [{gpa:#x}, {gpa + length:#x}) is outside guest RAM "
+                f"[0, {self.size:#x})")
+
+    def contains(self, gpa: int, length: int) -> bool:
+        return 0 <= gpa and 0 <= length and gpa + length <= self.size
+
+    # -- byte access ----------------------------------------------------
+    def read(self, gpa: int, length: int) -> bytes:
+        self.check(gpa, length)
+        return bytes(self.view[gpa:gpa + length])
+
+    def write(self, gpa: int, data) -> None:
+        """Copy data into guest RAM and record the pages as VMM-dirty."""
+        length = len(data)
+        self.check(gpa, length)
+        self.view[gpa:gpa + length] = data
+        self.mark_dirty(gpa, length)
+
+    def slice(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest RAM. Writers must call mark_dirty()."""
+        self.check(gpa, length)
+        return self.view[gpa:gpa + length]
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        self.check(gpa, length)
+        ctypes.memset(self.host_addr + gpa, byte, length)
+        self.mark_dirty(gpa, length)
+
+    def read_u8(self, gpa: int) -> int:
+        self.check(gpa, 1)
+        return self.view[gpa]
+
+    def read_u16(self, gpa: int) -> int:
+        self.check(gpa, 2)
+        return struct.unpack_from("<H", self.view, gpa)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        self.check(gpa, 4)
+        return struct.unpack_from("<I", self.view, gpa)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        self.check(gpa, 8)
+        return struct.unpack_from("<Q", self.view, gpa)[0]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<B", value))
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<H", value))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<I", value))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<Q", value))
+
+    def array(self) -> np.ndarray:
+        """All of guest RAM as a writable uint8 array (no dirty tracking)."""
+        return np.frombuffer(self._map, dtype=np.uint8)
+
+    # -- the VMM's own dirty log -----------------------------------------
+    def mark_dirty(self, gpa: int, length: int) -> None:
+        if length <= 0:
+            return
+        first = gpa >> PAGE_SHIFT
+        last = (gpa + length - 1) >> PAGE_SHIFT
+        with self._dirty_lock:
+            self._dirty[first:last + 1] = True
+
+    def take_dirty_bitmap(self) -> np.ndarray:
+        """Return the pages the VMM wrote since the last call (uint64 words) and clear."""
+        with self._dirty_lock:
+            dirty, self._dirty = self._dirty, np.zeros(self.npages, dtype=bool)
+        return pack_bitmap(dirty)
+
+    # -- giving memory back to the host -----------------------------------
+    def discard(self, gpa: int, length: int) -> None:
+        """Drop the host pages behind [gpa, gpa+length); they read as zero afterwards."""
+        self.check(gpa, length)
+        start = gpa & ~(PAGE_SIZE - 1)
+        end = (gpa + length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+    def resident_bytes(self) -> int:
+        """Host memory actually backing guest RAM now (mincore(2))."""
+        vec = (ctypes.c_ubyte * self.npages)()
+        if _libc.mincore(ctypes.c_void_p(self.host_addr), ctypes.c_size_t(self.size), vec) != 0:
+            raise OSError(ctypes.get_errno(), "mincore failed")
+        return int(np.frombuffer(vec, dtype=np.uint8).__and__(1).sum()) * PAGE_SIZE
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def pack_bitmap(bits: np.ndarray) -> np.ndarray:
+    """Pack a bool-per-page array into KVM-layout uint64 words."""
+    npages = len(bits)
+    packed = np.packbits(bits, bitorder="little")
+    padded = np.zeros(bitmap_words(npages) * 8, dtype=np.uint8)
+    padded[:len(packed)] = packed
+    return padded.view("<u8")
+
+
+def unpack_bitmap(words: np.ndarray, npages: int) -> np.ndarray:
+    """The inverse of pack_bitmap: a bool-per-page array of length npages."""
+    raw = np.asarray(words, dtype="<u8").view(np.uint8)
+    return np.unpackbits(raw, bitorder="little")[:npages].astype(bool)
