@@ -1,0 +1,117 @@
+"""Shared fixtures.
+
+kvm_required     skip marker (with the reason) where /dev/kvm is missing or
+                 not accessible
+tiny_guest       path to a hand-made test guest under tests/guests/
+linux_images     (kernel, initrd) of the Linux guest, or skip
+linux_guest      ONE booted Linux guest (64 MiB) shared by the whole session,
+                 with its console output collected; waits for
+                 "hv-guest: ready". Tests must leave it running.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+
+GUESTS = os.path.join(os.path.dirname(__file__), "guests")
+
+
+def kvm_unavailable_reason() -> str | None:
+    path = "/dev/kvm"
+    if not os.path.exists(path):
+        return f"{path} not found: no KVM on this host"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"{path} is not accessible: add the user to the kvm group"
+    return None
+
+
+_reason = kvm_unavailable_reason()
+kvm_required = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "kvm" in item.keywords and _reason is not None:
+            item.add_marker(pytest.mark.skip(reason=_reason))
+
+
+@pytest.fixture
+def tiny_guest():
+    def path(name: str) -> str:
+        return os.path.join(GUESTS, name)
+    return path
+
+
+class Console:
+    """Collects everything a guest prints; wait_for() with a timeout."""
+
+    def __init__(self):
+        self._buf = bytearray()
+        self._cond = threading.Condition()
+
+    def __call__(self, data: bytes) -> None:
+        with self._cond:
+            self._buf += data
+            self._cond.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._cond:
+            return self._buf.decode(errors="replace")
+
+    def mark(self) -> int:
+        with self._cond:
+            return len(self._buf)
+
+    def wait_for(self, needle: str, timeout: float, start: int = 0) -> str:
+        """Wait until needle appears after byte offset start; return the text."""
+        deadline = time.monotonic() + timeout
+        raw = needle.encode()
+        with self._cond:
+            while raw not in self._buf[start:]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    tail = self._buf[-2000:].decode(errors="replace")
+                    raise TimeoutError(f"{needle!r} not seen in {timeout} s; console tail:\n{tail}")
+                self._cond.wait(left)
+            return self._buf[start:].decode(errors="replace")
+
+
+@pytest.fixture(scope="session")
+def linux_images():
+    if _reason is not None:
+        pytest.skip(_reason)
+    try:
+        from hv import images
+        kernel, initrd = images.paths()
+    except Exception as e:  # the image module or its output is missing
+        pytest.skip(f"Linux guest images not available: {e}")
+    for p in (kernel, initrd):
+        if not p or not os.path.exists(p):
+            pytest.skip(f"Linux guest image {p} not built (python -m hv.images build)")
+    return kernel, initrd
+
+
+@pytest.fixture(scope="session")
+def linux_guest(linux_images):
+    """A booted 64 MiB Linux guest, shared by the session."""
+    from hv.machine import Machine, MachineConfig
+    kernel, initrd = linux_images
+    console = Console()
+    m = Machine(MachineConfig(mem_mib=64, kernel=kernel, initrd=initrd))
+    m.console_listeners.append(console)
+    m.console = console
+    m.boot()
+    m.start()
+    try:
+        console.wait_for("hv-guest: ready", timeout=300)
+    except TimeoutError:
+        m.stop()
+        raise
+    yield m
+    m.stop()
+    m.close()
