@@ -1,0 +1,653 @@
+"""hv's live-migration wire protocol (version 1).
+
+Every message is a fixed 24-byte little-endian header and a payload:
+
+    offset size  field
+    0      4     magic    b"HVMG"
+    4      2     version  1
+    6      2     command  (0 is invalid)
+    8      4     flags    (0; reserved for later versions)
+    12     4     reserved (must be 0)
+    16     8     length   payload bytes that follow
+
+Commands and their payloads:
+
+    HELLO    1  page_size u32, channels u16, channel u16, memory size u64,
+                features u64, session u64
+    MEMORY   2  range table, then the pages' data in table order
+    ZERO     3  range table (the pages read as zero; no data)
+    FILL     4  range table (the pages hold a repeated u32 pattern, e.g.
+                the guest's PAGE_POISON value; no data)
+    STATE    5  the machine state (save_state()'s plain data, see
+                encode_state: a tagged binary form, never pickle)
+    VERIFY   6  range table, then one u64 page hash per page (--verify)
+    COMPLETE 7  empty: the source is paused and has sent everything
+    ACK      8  command u16 being acknowledged, 6 bytes of padding
+    RUNNING  9  empty: the destination restored and resumed the guest
+    ERROR   10  UTF-8 message: the peer gives up, and says why
+    CANCEL  11  UTF-8 reason: the source gives up
+
+A range table is: count u32, pattern u32 (FILL only, else 0), then count
+pairs of (start pfn u64, page count u64). Ranges are page frame numbers of
+guest physical memory; they must lie inside the memory size the HELLO
+announced.
+
+Message sequence (one connection; `connections: N` opens N, see below):
+
+    source (hv.migration.sender)          destination (hv.migration.receiver)
+      |-- HELLO -------------------------->|  checks version, page size,
+      |<------------------------- ACK -----|  memory size (or ERROR)
+      |-- ZERO / FILL / MEMORY ... ------->|  bulk pass: every page that is
+      |                                    |  neither free nor zero has data
+      |-- ZERO / MEMORY ... -------------->|  dirty rounds
+      |   (source pauses its vCPUs)        |
+      |-- ZERO / MEMORY ... -------------->|  last dirty pages
+      |-- STATE -------------------------->|
+      |-- VERIFY (optional) -------------->|  hashes checked before resume
+      |-- COMPLETE ----------------------->|  restore state, resume guest
+      |<--------------------- RUNNING -----|  (or ERROR: nothing resumed)
+      |   (source stops: "completed")      |
+
+    CANCEL (source) or ERROR (either side) may come at any point before
+    RUNNING; the destination then resumes nothing and exits non-zero, the
+    source resumes its guest.
+
+With N connections, connection 0 carries the sequence above; connections
+1..N-1 each send HELLO (channel i, same session) and get ACK, then carry
+only ZERO / FILL / MEMORY and end with COMPLETE. A page always travels on
+the same connection (memory is striped in fixed blocks), so rounds stay in
+order per page; the destination applies STATE/COMPLETE of connection 0 only
+after every other connection has sent COMPLETE.
+
+Destination states (hv.migration.receiver.Receiver, one function over
+(state, command); anything not in the table is refused with ProtocolError
+naming what was expected):
+
+      WAIT_HELLO --HELLO--> MEMORY --MEMORY|ZERO|FILL--> MEMORY
+                              |
+                              +--STATE--> STATE --VERIFY--> STATE
+                                            |
+                                            +--COMPLETE--> COMPLETE
+                                                  (restore, resume,
+                                                   send RUNNING)
+      any state but COMPLETE --CANCEL|ERROR--> FAILED
+      secondary connection: WAIT_HELLO --HELLO--> MEMORY --COMPLETE--> COMPLETE
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import math
+import struct
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import HvError
+
+MAGIC = b"HVMG"
+VERSION = 1
+HEADER = struct.Struct("<4sHHIIQ")
+HEADER_SIZE = HEADER.size  # 24
+HELLO = struct.Struct("<IHHQQQ")
+TABLE_HEAD = struct.Struct("<II")
+ACK = struct.Struct("<H6x")
+
+# Features announced in HELLO.
+FEATURE_ZERO = 1 << 0
+FEATURE_FILL = 1 << 1
+FEATURE_VERIFY = 1 << 2
+FEATURE_CHANNELS = 1 << 3
+FEATURES = FEATURE_ZERO | FEATURE_FILL | FEATURE_VERIFY | FEATURE_CHANNELS
+
+# Limits that keep a malformed header from making the receiver allocate
+# without bound.
+MAX_RANGES = 1 << 20
+MAX_STATE = 64 << 20
+MAX_MESSAGE = 1 << 20
+
+
+class Command(enum.IntEnum):
+    HELLO = 1
+    MEMORY = 2
+    ZERO = 3
+    FILL = 4
+    STATE = 5
+    VERIFY = 6
+    COMPLETE = 7
+    ACK = 8
+    RUNNING = 9
+    ERROR = 10
+    CANCEL = 11
+
+
+class MigrationError(HvError):
+    """A migration failed; the message says why."""
+
+
+class ProtocolError(MigrationError):
+    """The peer sent something that does not fit the protocol or the state."""
+
+
+class PeerError(MigrationError):
+    """The peer sent ERROR (or CANCEL) with its reason."""
+
+
+@dataclass
+class Header:
+    command: Command
+    length: int
+    flags: int = 0
+    version: int = VERSION
+
+    def pack(self) -> bytes:
+        return HEADER.pack(MAGIC, self.version, int(self.command), self.flags, 0, self.length)
+
+
+def parse_header(raw: bytes) -> Header:
+    """Decode and check a header; ProtocolError on anything unexpected."""
+    if len(raw) != HEADER_SIZE:
+        raise ProtocolError(f"truncated header: {len(raw)} of {HEADER_SIZE} bytes")
+    magic, version, command, flags, reserved, length = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise ProtocolError(f"not an hv migration stream: magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}; this hv speaks "
+                            f"version {VERSION}")
+    try:
+        cmd = Command(command)
+    except ValueError:
+        raise ProtocolError(f"unknown command {command}") from None
+    if reserved != 0 or flags != 0:
+        raise ProtocolError(f"{cmd.name}: reserved header fields are not zero")
+    return Header(cmd, length, flags, version)
+
+
+# ---------------------------------------------------------------- messages
+
+@dataclass
+class Hello:
+    page_size: int
+    mem_size: int
+    features: int = FEATURES
+    channels: int = 1
+    channel: int = 0
+    session: int = 0
+
+    def payload(self) -> bytes:
+        return HELLO.pack(self.page_size, self.channels, self.channel, self.mem_size,
+                          self.features, self.session)
+
+    @classmethod
+    def parse(cls, data: bytes) -> "Hello":
+        if len(data) != HELLO.size:
+            raise ProtocolError(f"HELLO payload is {len(data)} bytes, expected {HELLO.size}")
+        ps, channels, channel, mem, feats, session = HELLO.unpack(data)
+        return cls(ps, mem, feats, channels, channel, session)
+
+
+def _u64(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a, dtype=np.uint64))
+
+
+@dataclass
+class Ranges:
+    """MEMORY, ZERO, FILL and VERIFY: a range table (and, for MEMORY, the pages'
+    data; for VERIFY, one hash per page). `data` is used by in-memory streams
+    and tests; the socket path moves page data straight from/to guest
+    memory."""
+    command: Command
+    starts: np.ndarray
+    counts: np.ndarray
+    pattern: int = 0
+    data: bytes | None = None
+    hashes: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.starts = _u64(self.starts)
+        self.counts = _u64(self.counts)
+
+    @property
+    def npages(self) -> int:
+        return int(self.counts.sum()) if len(self.counts) else 0
+
+    def table(self) -> bytes:
+        t = np.empty(2 * len(self.starts), dtype="<u8")
+        t[0::2] = self.starts
+        t[1::2] = self.counts
+        return TABLE_HEAD.pack(len(self.starts), self.pattern & 0xFFFFFFFF) + t.tobytes()
+
+    def body_length(self, page_size: int) -> int:
+        if self.command == Command.MEMORY:
+            return self.npages * page_size
+        if self.command == Command.VERIFY:
+            return self.npages * 8
+        return 0
+
+    def __eq__(self, other):
+        return (isinstance(other, Ranges) and self.command == other.command
+                and self.pattern == other.pattern
+                and np.array_equal(self.starts, other.starts)
+                and np.array_equal(self.counts, other.counts)
+                and self.data == other.data
+                and ((self.hashes is None and other.hashes is None)
+                     or (self.hashes is not None and other.hashes is not None
+                         and np.array_equal(self.hashes, other.hashes))))
+
+
+RANGE_COMMANDS = (Command.MEMORY, Command.ZERO, Command.FILL, Command.VERIFY)
+
+
+def parse_table(command: Command, head: bytes) -> tuple[int, int]:
+    """Decode a table head: (number of ranges, pattern)."""
+    if len(head) != TABLE_HEAD.size:
+        raise ProtocolError(f"{command.name}: truncated range table")
+    n, pattern = TABLE_HEAD.unpack(head)
+    if n == 0 or n > MAX_RANGES:
+        raise ProtocolError(f"{command.name}: range table of {n} entries "
+                            f"(expected 1..{MAX_RANGES})")
+    if pattern and command != Command.FILL:
+        raise ProtocolError(f"{command.name}: pattern field must be 0")
+    return n, pattern
+
+
+def parse_ranges(command: Command, raw: bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:
+    t = np.frombuffer(raw, dtype="<u8")
+    starts = np.ascontiguousarray(t[0::2], dtype=np.uint64)
+    counts = np.ascontiguousarray(t[1::2], dtype=np.uint64)
+    if (counts == 0).any():
+        raise ProtocolError(f"{command.name}: empty range in table")
+    if (starts >= npages).any() or (counts > np.uint64(npages) - np.minimum(starts, npages)).any():
+        bad = int(np.argmax((starts >= npages) |
+                            (counts > np.uint64(npages) - np.minimum(starts, npages))))
+        raise ProtocolError(f"{command.name}: range pfn {int(starts[bad])} + {int(counts[bad])} "
+                            f"pages lies outside guest memory ({npages} pages)")
+    return starts, counts
+
+
+@dataclass
+class Control:
+    """COMPLETE, RUNNING, ERROR, CANCEL, ACK and STATE (payload as bytes)."""
+    command: Command
+    payload: bytes = b""
+
+    @property
+    def text(self) -> str:
+        return self.payload.decode("utf-8", "replace")
+
+    @property
+    def acked(self) -> Command | None:
+        if self.command != Command.ACK:
+            return None
+        try:
+            return Command(ACK.unpack(self.payload)[0])
+        except (ValueError, struct.error):
+            raise ProtocolError("ACK of an unknown command") from None
+
+
+def ack(command: Command) -> Control:
+    return Control(Command.ACK, ACK.pack(int(command)))
+
+
+def error(message: str) -> Control:
+    return Control(Command.ERROR, message.encode("utf-8")[:MAX_MESSAGE])
+
+
+def cancel(reason: str = "") -> Control:
+    return Control(Command.CANCEL, reason.encode("utf-8")[:MAX_MESSAGE])
+
+
+def state(data) -> Control:
+    return Control(Command.STATE, encode_state(data))
+
+
+def check_control(h: Header) -> None:
+    """Payload length limits of the commands that carry no range table."""
+    limit = {Command.HELLO: HELLO.size, Command.COMPLETE: 0, Command.RUNNING: 0,
+             Command.ACK: ACK.size, Command.ERROR: MAX_MESSAGE,
+             Command.CANCEL: MAX_MESSAGE, Command.STATE: MAX_STATE}[h.command]
+    if h.command in (Command.HELLO, Command.ACK) and h.length != limit:
+        raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes, expected {limit}")
+    if h.length > limit:
+        raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes exceeds {limit}")
+
+
+# ------------------------------------------------------------ byte streams
+
+class Stream:
+    """Where messages go and come from. SocketStream moves page data with
+    hv._pages straight between guest memory and the socket; BufferStream
+    does the same through a file-like object (tests, files)."""
+
+    page_size = 4096
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def read(self, n: int) -> bytes:
+        raise NotImplementedError
+
+    def write_pages(self, mem, starts, counts) -> int:
+        raise NotImplementedError
+
+    def read_pages(self, mem, starts, counts) -> int:
+        raise NotImplementedError
+
+    # -- messages --------------------------------------------------------
+    def send(self, msg, mem=None) -> int:
+        """Send a Hello, Ranges or Control. Ranges of MEMORY take their data
+        from msg.data or, when None, from guest memory `mem`. Returns bytes."""
+        if isinstance(msg, Hello):
+            payload = msg.payload()
+            self.write(Header(Command.HELLO, len(payload)).pack() + payload)
+            return HEADER_SIZE + len(payload)
+        if isinstance(msg, Control):
+            self.write(Header(msg.command, len(msg.payload)).pack() + msg.payload)
+            return HEADER_SIZE + len(msg.payload)
+        if isinstance(msg, Ranges):
+            table = msg.table()
+            body = msg.body_length(self.page_size)
+            self.write(Header(msg.command, len(table) + body).pack() + table)
+            n = HEADER_SIZE + len(table)
+            if msg.command == Command.MEMORY:
+                if msg.data is not None:
+                    if len(msg.data) != body:
+                        raise ValueError("MEMORY data does not match its table")
+                    self.write(msg.data)
+                else:
+                    self.write_pages(mem, msg.starts, msg.counts)
+                n += body
+            elif msg.command == Command.VERIFY:
+                h = _u64(msg.hashes).astype("<u8")
+                if len(h) != msg.npages:
+                    raise ValueError("VERIFY hashes do not match its table")
+                self.write(h.tobytes())
+                n += body
+            return n
+        raise TypeError(f"cannot send {msg!r}")
+
+    def recv_header(self) -> Header:
+        return parse_header(self.read(HEADER_SIZE))
+
+    def recv_body(self, h: Header, npages: int, mem=None):
+        """Read the payload of h. Ranges of MEMORY go into guest memory `mem`
+        when given, else into msg.data. npages bounds the ranges."""
+        if h.command not in RANGE_COMMANDS:
+            check_control(h)
+            payload = self.read(h.length)
+            if h.command == Command.HELLO:
+                return Hello.parse(payload)
+            return Control(h.command, payload)
+        if h.length < TABLE_HEAD.size:
+            raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes is too short "
+                                f"for a range table")
+        n, pattern = parse_table(h.command, self.read(TABLE_HEAD.size))
+        if h.length < TABLE_HEAD.size + 16 * n:
+            raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes is shorter "
+                                f"than its table of {n} ranges")
+        starts, counts = parse_ranges(h.command, self.read(16 * n), npages)
+        msg = Ranges(h.command, starts, counts, pattern)
+        body = msg.body_length(self.page_size)
+        if h.length != TABLE_HEAD.size + 16 * n + body:
+            raise ProtocolError(f"{h.command.name}: payload length {h.length} does not match "
+                                f"its table ({n} ranges, {msg.npages} pages)")
+        if h.command == Command.MEMORY:
+            if mem is not None:
+                self.read_pages(mem, starts, counts)
+            else:
+                msg.data = self.read(body)
+        elif h.command == Command.VERIFY:
+            msg.hashes = np.frombuffer(self.read(body), dtype="<u8").astype(np.uint64)
+        return msg
+
+    def recv(self, npages: int = 1 << 52, mem=None):
+        return self.recv_body(self.recv_header(), npages, mem)
+
+
+class BufferStream(Stream):
+    """Messages through file-like objects (io.BytesIO in tests): reads come
+    from f, writes go to out (f itself when out is None)."""
+
+    def __init__(self, f=None, page_size: int = 4096, out=None):
+        self.f = f if f is not None else io.BytesIO()
+        self.out = out if out is not None else self.f
+        self.page_size = page_size
+
+    def write(self, data) -> None:
+        self.out.write(bytes(data))
+
+    def read(self, n: int) -> bytes:
+        data = self.f.read(n)
+        if len(data) != n:
+            raise ProtocolError(f"stream ended: got {len(data)} of {n} bytes")
+        return data
+
+    def write_pages(self, mem, starts, counts) -> int:
+        n = 0
+        for s, c in zip(starts.tolist(), counts.tolist()):
+            chunk = mem.view[s * self.page_size:(s + c) * self.page_size]
+            self.out.write(chunk)
+            n += len(chunk)
+        return n
+
+    def read_pages(self, mem, starts, counts) -> int:
+        n = 0
+        for s, c in zip(starts.tolist(), counts.tolist()):
+            ln = c * self.page_size
+            data = self.read(ln)
+            mem.view[s * self.page_size:s * self.page_size + ln] = data
+            n += ln
+        return n
+
+
+class SocketStream(Stream):
+    """Messages over a connected socket; page data moves with hv._pages
+    (writev/readv straight from/to guest memory, GIL released)."""
+
+    def __init__(self, sock, page_size: int = 4096, timeout: float | None = 60.0,
+                 rate_bytes_per_sec: int = 0):
+        from . import pages
+        self._pages = pages
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.page_size = page_size
+        self.timeout = timeout
+        self.rate = pages.Rate(rate_bytes_per_sec) if rate_bytes_per_sec else None
+        self.bytes_out = 0
+        self.bytes_in = 0
+
+    def write(self, data) -> None:
+        try:
+            self._pages.send_all(self.fd, data, self.rate, self.timeout)
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise MigrationError(f"connection lost while sending: {e}") from e
+        self.bytes_out += len(data)
+
+    def read(self, n: int) -> bytes:
+        try:
+            data = self._pages.recv_all(self.fd, n, self.timeout)
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise MigrationError(f"connection lost while receiving: {e}") from e
+        self.bytes_in += n
+        return data
+
+    def write_pages(self, mem, starts, counts) -> int:
+        try:
+            n = self._pages.send_pages(self.fd, mem, starts, counts, self.rate, self.timeout,
+                                       self.page_size)
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise MigrationError(f"connection lost while sending pages: {e}") from e
+        self.bytes_out += n
+        return n
+
+    def read_pages(self, mem, starts, counts) -> int:
+        try:
+            n = self._pages.recv_pages(self.fd, mem, starts, counts, self.timeout,
+                                       self.page_size)
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise MigrationError(f"connection lost while receiving pages: {e}") from e
+        self.bytes_in += n
+        return n
+
+    def close(self) -> None:
+        import socket
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# ------------------------------------------------------- machine state form
+#
+# A self-describing tagged binary form of plain data, so that STATE never
+# runs code on load (no pickle).
+# After the magic comes a CRC-32 of the body (u32). Tags:
+#   N None, T True, F False, i int (u32 length + signed little-endian bytes),
+#   f float (f64), s str (u32 length + UTF-8), b bytes (u32 length + data),
+#   l list / t tuple (u32 count + items), d dict (u32 count + key, value
+#   pairs), a numpy array (dtype str, shape list, raw bytes; plain numeric
+#   dtypes only).
+
+STATE_MAGIC = b"HVST\x01\x00\x00\x00"
+_U32 = struct.Struct("<I")
+_MAX_DEPTH = 64
+
+
+def encode_state(obj) -> bytes:
+    """STATE_MAGIC, CRC-32 of the body (u32), body."""
+    out = io.BytesIO()
+    _enc(obj, out, 0)
+    body = out.getvalue()
+    return STATE_MAGIC + _U32.pack(zlib.crc32(body)) + body
+
+
+def _enc(o, out, depth):
+    if depth > _MAX_DEPTH:
+        raise ValueError("machine state nests too deeply")
+    if o is None:
+        out.write(b"N")
+    elif o is True:
+        out.write(b"T")
+    elif o is False:
+        out.write(b"F")
+    elif isinstance(o, (int, np.integer)):
+        v = int(o)
+        raw = v.to_bytes(max(1, (v.bit_length() + 8) // 8), "little", signed=True)
+        out.write(b"i" + _U32.pack(len(raw)) + raw)
+    elif isinstance(o, (float, np.floating)):
+        out.write(b"f" + struct.pack("<d", float(o)))
+    elif isinstance(o, str):
+        raw = o.encode("utf-8")
+        out.write(b"s" + _U32.pack(len(raw)) + raw)
+    elif isinstance(o, (bytes, bytearray, memoryview)):
+        raw = bytes(o)
+        out.write(b"b" + _U32.pack(len(raw)) + raw)
+    elif isinstance(o, np.ndarray):
+        if o.dtype.kind not in "biuf":
+            raise TypeError(f"machine state: cannot encode array of dtype {o.dtype}")
+        out.write(b"a")
+        _enc(o.dtype.str, out, depth + 1)
+        _enc(list(o.shape), out, depth + 1)
+        _enc(np.ascontiguousarray(o).tobytes(), out, depth + 1)
+    elif isinstance(o, (list, tuple)):
+        out.write((b"l" if isinstance(o, list) else b"t") + _U32.pack(len(o)))
+        for item in o:
+            _enc(item, out, depth + 1)
+    elif isinstance(o, dict):
+        out.write(b"d" + _U32.pack(len(o)))
+        for k, v in o.items():
+            _enc(k, out, depth + 1)
+            _enc(v, out, depth + 1)
+    elif hasattr(o, "__dataclass_fields__"):
+        import dataclasses
+        _enc(dataclasses.asdict(o), out, depth)
+    else:
+        raise TypeError(f"machine state: cannot encode {type(o).__name__} (plain data only)")
+
+
+def decode_state(data: bytes):
+    if not data.startswith(STATE_MAGIC) or len(data) < len(STATE_MAGIC) + 4:
+        raise ProtocolError("STATE: not an hv machine state (bad magic or version)")
+    crc = _U32.unpack_from(data, len(STATE_MAGIC))[0]
+    if zlib.crc32(data[len(STATE_MAGIC) + 4:]) != crc:
+        raise ProtocolError("STATE: checksum mismatch (corrupted machine state)")
+    r = _Reader(data, len(STATE_MAGIC) + 4)
+    obj = r.value(0)
+    if r.pos != len(data):
+        raise ProtocolError(f"STATE: {len(data) - r.pos} trailing bytes")
+    return obj
+
+
+class _Reader:
+    def __init__(self, data: bytes, pos: int):
+        self.data, self.pos = data, pos
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise ProtocolError("STATE: truncated machine state")
+        b = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return b
+
+    def u32(self) -> int:
+        return _U32.unpack(self.take(4))[0]
+
+    def value(self, depth: int):
+        if depth > _MAX_DEPTH:
+            raise ProtocolError("STATE: machine state nests too deeply")
+        tag = self.take(1)
+        if tag == b"N":
+            return None
+        if tag == b"T":
+            return True
+        if tag == b"F":
+            return False
+        if tag == b"i":
+            n = self.u32()
+            if n > 1024:
+                raise ProtocolError("STATE: integer too large")
+            return int.from_bytes(self.take(n), "little", signed=True)
+        if tag == b"f":
+            return struct.unpack("<d", self.take(8))[0]
+        if tag == b"s":
+            try:
+                return self.take(self.u32()).decode("utf-8")
+            except UnicodeDecodeError:
+                raise ProtocolError("STATE: invalid UTF-8 string") from None
+        if tag == b"b":
+            return self.take(self.u32())
+        if tag in (b"l", b"t"):
+            n = self.u32()
+            if n > len(self.data):
+                raise ProtocolError("STATE: truncated machine state")
+            items = [self.value(depth + 1) for _ in range(n)]
+            return items if tag == b"l" else tuple(items)
+        if tag == b"d":
+            n = self.u32()
+            if n > len(self.data):
+                raise ProtocolError("STATE: truncated machine state")
+            d = {}
+            for _ in range(n):
+                k = self.value(depth + 1)
+                try:
+                    d[k] = self.value(depth + 1)
+                except TypeError:
+                    raise ProtocolError("STATE: unhashable dict key") from None
+            return d
+        if tag == b"a":
+            dt, shape, raw = self.value(depth + 1), self.value(depth + 1), self.value(depth + 1)
+            try:
+                dtype = np.dtype(dt)
+                if dtype.kind not in "biuf" or not all(isinstance(s, int) and s >= 0
+                                                       for s in shape):
+                    raise TypeError
+                if math.prod(shape) * dtype.itemsize != len(raw):
+                    raise TypeError
+                return np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+            except (TypeError, ValueError):
+                raise ProtocolError("STATE: malformed array") from None
+        raise ProtocolError(f"STATE: unknown tag {tag!r}")
+

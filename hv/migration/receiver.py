@@ -1,0 +1,375 @@
+"""The destination side of live migration.
+
+`run-guest --incoming tcp:HOST:PORT` creates the Machine without booting it
+and calls incoming(machine, uri): listen, accept, receive pages straight into
+guest memory, restore the machine state, resume, answer RUNNING. The wire
+protocol, the message sequence and the state diagram are in
+hv.migration.protocol; Receiver below is the (state, command) machine.
+
+Whatever goes wrong (malformed stream, wrong version, out-of-order command,
+dropped connection, CANCEL, a page hash that does not match) raises
+MigrationError with the reason, after sending ERROR to the source when the
+connection still works; the guest is never resumed half-restored.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import sys
+import threading
+import time
+from typing import Callable
+
+import numpy as np
+
+from ..memory import PAGE_SIZE
+from . import pages
+from .protocol import (
+    FEATURES, VERSION, Command, Control, Hello, MigrationError, PeerError, ProtocolError, Ranges,
+    SocketStream, Stream, ack, decode_state, error)
+
+
+class State(enum.Enum):
+    WAIT_HELLO = "wait-hello"
+    MEMORY = "memory"
+    STATE = "state"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+# The destination's (state, command) -> next state table, primary connection.
+TRANSITIONS = {
+    (State.WAIT_HELLO, Command.HELLO): State.MEMORY,
+    (State.MEMORY, Command.MEMORY): State.MEMORY,
+    (State.MEMORY, Command.ZERO): State.MEMORY,
+    (State.MEMORY, Command.FILL): State.MEMORY,
+    (State.MEMORY, Command.STATE): State.STATE,
+    (State.STATE, Command.VERIFY): State.STATE,
+    (State.STATE, Command.COMPLETE): State.COMPLETE,
+}
+
+# Secondary connections (channel > 0) carry pages only.
+SECONDARY_TRANSITIONS = {
+    (State.WAIT_HELLO, Command.HELLO): State.MEMORY,
+    (State.MEMORY, Command.MEMORY): State.MEMORY,
+    (State.MEMORY, Command.ZERO): State.MEMORY,
+    (State.MEMORY, Command.FILL): State.MEMORY,
+    (State.MEMORY, Command.COMPLETE): State.COMPLETE,
+}
+
+
+def expected(table, state: State) -> list[str]:
+    return [c.name for (s, c) in table if s == state]
+
+
+class Receiver:
+    """Receives one migration stream into `memory`.
+
+    restore(state_dict) and resume() are called, in that order, only after
+    COMPLETE arrived with everything checked; RUNNING is sent after resume().
+    """
+
+    def __init__(self, memory, restore: Callable[[dict], None] | None = None,
+                 resume: Callable[[], None] | None = None, *, secondary: bool = False,
+                 require_verify: bool = False, log=None):
+        self.memory = memory
+        self.npages = memory.size // PAGE_SIZE
+        self.restore = restore
+        self.resume = resume
+        self.table = SECONDARY_TRANSITIONS if secondary else TRANSITIONS
+        self.secondary = secondary
+        self.require_verify = require_verify
+        self.state = State.WAIT_HELLO
+        self.hello: Hello | None = None
+        self.machine_state = None
+        self.verified: bool | None = None
+        self.log = log or (lambda msg: None)
+        # Filled by incoming() for multi-connection migrations.
+        self.secondaries: list["Receiver"] = []
+        self.secondary_threads: list[threading.Thread] = []
+        self.stats = {"pages": 0, "zero_pages": 0, "fill_pages": 0, "bytes": 0,
+                      "messages": 0, "restore_ms": None}
+        self.first_message_at = None
+        self.completed_at = None
+
+    # -- the state machine -----------------------------------------------
+    def step(self, stream: Stream) -> State:
+        """Read one message and act on it; returns the new state."""
+        h = stream.recv_header()
+        if self.first_message_at is None:
+            self.first_message_at = time.monotonic()
+        self.stats["messages"] += 1
+        if h.command in (Command.CANCEL, Command.ERROR):
+            msg = stream.recv_body(h, self.npages)
+            self.state = State.FAILED
+            what = "cancelled the migration" if h.command == Command.CANCEL else "failed"
+            raise PeerError(f"the source {what}: {msg.text or 'no reason given'}")
+        nxt = self.table.get((self.state, h.command))
+        if nxt is None:
+            prev = self.state
+            self.state = State.FAILED
+            raise ProtocolError(
+                f"unexpected {h.command.name} in state {prev.name}; expected "
+                f"{' or '.join(expected(self.table, prev)) or 'nothing'}")
+        msg = stream.recv_body(h, self.npages,
+                               mem=self.memory if h.command == Command.MEMORY else None)
+        handler = getattr(self, "_on_" + h.command.name.lower())
+        handler(msg, stream)
+        self.state = nxt
+        return nxt
+
+    def run(self, stream: Stream) -> dict:
+        """Drive the state machine to COMPLETE. On any failure: ERROR to the
+        peer (best effort), state FAILED, MigrationError raised."""
+        try:
+            while self.state != State.COMPLETE:
+                self.step(stream)
+        except PeerError:
+            self.state = State.FAILED
+            raise
+        except MigrationError as e:
+            self.state = State.FAILED
+            self._send_error(stream, str(e))
+            raise
+        except Exception as e:
+            self.state = State.FAILED
+            self._send_error(stream, f"destination failed: {e}")
+            raise MigrationError(f"migration failed on the destination: {e}") from e
+        return self.stats
+
+    @staticmethod
+    def _send_error(stream: Stream, message: str) -> None:
+        try:
+            stream.send(error(message))
+        except Exception:
+            pass
+
+    # -- handlers ----------------------------------------------------------
+    def _on_hello(self, hello: Hello, stream: Stream) -> None:
+        if hello.page_size != PAGE_SIZE:
+            raise ProtocolError(f"HELLO: page size {hello.page_size}, this hv uses {PAGE_SIZE}")
+        if hello.mem_size != self.memory.size:
+            raise ProtocolError(
+                f"HELLO: the source guest has {hello.mem_size >> 20} MiB of memory, this "
+                f"destination {self.memory.size >> 20} MiB; start run-guest --incoming with "
+                f"the same --mem")
+        if hello.channels < 1 or hello.channel >= hello.channels:
+            raise ProtocolError(f"HELLO: channel {hello.channel} of {hello.channels}")
+        if (hello.channel != 0) != self.secondary:
+            raise ProtocolError(f"HELLO: channel {hello.channel} on a "
+                                f"{'secondary' if self.secondary else 'primary'} connection")
+        if hello.features & ~FEATURES:
+            raise ProtocolError(f"HELLO: unknown features {hello.features & ~FEATURES:#x}")
+        self.hello = hello
+        stream.send(ack(Command.HELLO))
+
+    def _on_memory(self, msg: Ranges, stream: Stream) -> None:
+        # The stream already put the data into guest memory (recv_body with mem).
+        self.stats["pages"] += msg.npages
+        self.stats["bytes"] += msg.npages * PAGE_SIZE
+
+    def _on_zero(self, msg: Ranges, stream: Stream) -> None:
+        pages.fill(self.memory, msg.starts, msg.counts, 0, discard=True)
+        self.stats["zero_pages"] += msg.npages
+
+    def _on_fill(self, msg: Ranges, stream: Stream) -> None:
+        pages.fill(self.memory, msg.starts, msg.counts, msg.pattern, discard=True)
+        self.stats["fill_pages"] += msg.npages
+
+    def _on_state(self, msg, stream: Stream) -> None:
+        self.machine_state = decode_state(msg.payload)
+
+    def _on_verify(self, msg: Ranges, stream: Stream) -> None:
+        self._wait_secondaries()
+        mine = pages.hashes(self.memory, msg.starts, msg.counts)
+        bad = np.nonzero(mine != msg.hashes)[0]
+        if len(bad):
+            # Map the first bad index back to its pfn.
+            ends = np.cumsum(msg.counts.astype(np.int64))
+            i = int(bad[0])
+            r = int(np.searchsorted(ends, i, side="right"))
+            pfn = int(msg.starts[r]) + i - (int(ends[r - 1]) if r else 0)
+            self.verified = False
+            raise MigrationError(f"verify: {len(bad)} of {len(mine)} pages differ from the "
+                                 f"source (first at pfn {pfn:#x}); the guest was not resumed")
+        self.verified = True
+        self.stats["verified_pages"] = len(mine)
+
+    def _on_complete(self, msg, stream: Stream) -> None:
+        if self.secondary:
+            return
+        self._wait_secondaries()
+        if self.require_verify and not self.verified:
+            raise MigrationError("verification was required but the source sent no VERIFY")
+        if self.machine_state is None:
+            raise ProtocolError("COMPLETE before STATE")
+        t0 = time.monotonic()
+        if self.restore is not None:
+            try:
+                self.restore(self.machine_state)
+            except Exception as e:
+                raise MigrationError(f"restoring the machine state failed: {e}") from e
+        if self.resume is not None:
+            self.resume()
+        self.stats["restore_ms"] = round((time.monotonic() - t0) * 1000, 3)
+        self.completed_at = time.monotonic()
+        stream.send(Control(Command.RUNNING))
+
+    def _wait_secondaries(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        for t in self.secondary_threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        for r in self.secondaries:
+            if r.state != State.COMPLETE:
+                raise MigrationError(f"a secondary connection ended in state {r.state.name}: "
+                                     f"{getattr(r, 'error', None) or 'no COMPLETE'}")
+            for k in ("pages", "zero_pages", "fill_pages", "bytes"):
+                self.stats[k] += r.stats[k]
+        self.secondaries, self.secondary_threads = [], []
+
+
+# ------------------------------------------------------------------- URIs
+
+def parse_uri(uri: str) -> tuple[str, int]:
+    """'tcp:HOST:PORT' -> (host, port)."""
+    if not uri.startswith("tcp:"):
+        raise MigrationError(f"migration URI {uri!r}: only tcp:HOST:PORT is supported")
+    host, sep, port = uri[4:].rpartition(":")
+    if not sep or not port.isdigit():
+        raise MigrationError(f"migration URI {uri!r}: expected tcp:HOST:PORT")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port)
+
+
+def listen(uri: str) -> socket.socket:
+    host, port = parse_uri(uri)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError as e:
+        s.close()
+        raise MigrationError(f"cannot listen on {host}:{port} for the incoming migration: "
+                             f"{e.strerror}") from e
+    s.listen(16)
+    return s
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+
+
+def receive(memory, listener: socket.socket, restore=None, resume=None, *,
+            timeout: float = 60.0, accept_timeout: float | None = None,
+            require_verify: bool = False, log=None) -> Receiver:
+    """Accept a migration on `listener` and drive it to COMPLETE (restore,
+    resume, RUNNING). Returns the Receiver; raises MigrationError."""
+    log = log or (lambda msg: None)
+    listener.settimeout(accept_timeout)
+    try:
+        conn, peer = listener.accept()
+    except socket.timeout:
+        raise MigrationError("no migration arrived before the accept timeout") from None
+    _tune(conn)
+    conn.settimeout(timeout)
+    log(f"incoming migration from {peer[0]}:{peer[1]}")
+    stream = SocketStream(conn, timeout=timeout)
+    rx = Receiver(memory, restore, resume, require_verify=require_verify, log=log)
+    streams = [stream]
+    try:
+        try:
+            rx.step(stream)           # HELLO
+        except MigrationError as e:
+            rx.state = State.FAILED
+            Receiver._send_error(stream, str(e))
+            raise
+        for i in range(1, rx.hello.channels):
+            listener.settimeout(timeout)
+            try:
+                c, _ = listener.accept()
+            except socket.timeout:
+                raise MigrationError(f"connection {i} of {rx.hello.channels} never came") \
+                    from None
+            _tune(c)
+            c.settimeout(timeout)
+            s2 = SocketStream(c, timeout=timeout)
+            streams.append(s2)
+            sub = Receiver(memory, secondary=True, log=log)
+            sub.error = None
+
+            def run_sub(sub=sub, s2=s2):
+                try:
+                    sub.run(s2)
+                    if sub.hello.session != rx.hello.session:
+                        raise ProtocolError("secondary connection of another session")
+                except Exception as e:   # reported through _wait_secondaries
+                    sub.error = str(e)
+                    sub.state = State.FAILED
+            t = threading.Thread(target=run_sub, name=f"hv-migrate-rx-{i}", daemon=True)
+            t.start()
+            rx.secondaries.append(sub)
+            rx.secondary_threads.append(t)
+        rx.run(stream)
+        rx.stats["bytes_received"] = sum(s.bytes_in for s in streams)
+        return rx
+    finally:
+        for s in streams:
+            s.close()
+
+
+def _resume_machine(machine) -> None:
+    for name in ("start", "resume"):
+        fn = getattr(machine, name, None)
+        if fn is not None:
+            fn()
+            return
+
+
+def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float | None = None,
+             require_verify: bool = False, verbose: bool = True, on_listening=None) -> dict:
+    """Receive a migrating guest into `machine` (created, not booted).
+
+    Listens on uri (tcp:HOST:PORT), accepts the source's connection(s),
+    receives the pages into machine.memory, then machine.restore_state(state)
+    and starts its vCPUs, and answers RUNNING. Returns statistics. Raises
+    MigrationError (an HvError: the CLI prints it and exits non-zero) when
+    the stream is malformed or the connection drops; nothing is resumed then.
+    """
+    def log(msg):
+        if verbose:
+            print(f"hv: {msg}", file=sys.stderr, flush=True)
+
+    if hasattr(machine, "status"):
+        try:
+            machine.status = "inmigrate"
+        except AttributeError:
+            pass
+    listener = listen(uri)
+    try:
+        host, port = listener.getsockname()[:2]
+        log(f"waiting for an incoming migration on {host}:{port}")
+        if on_listening:
+            on_listening(host, port)
+        t0 = time.monotonic()
+        rx = receive(machine.memory, listener, machine.restore_state,
+                     lambda: _resume_machine(machine), timeout=timeout,
+                     accept_timeout=accept_timeout, require_verify=require_verify, log=log)
+    finally:
+        listener.close()
+    stats = dict(rx.stats)
+    stats["verified"] = rx.verified
+    stats["total_ms"] = round((time.monotonic() - t0) * 1000, 3)
+    log(f"migration received: {stats['pages']} pages with data, {stats['zero_pages']} zero, "
+        f"{stats['fill_pages']} filled; guest running")
+    return stats
+
+
+__all__ = ["Receiver", "State", "TRANSITIONS", "incoming", "receive", "listen", "parse_uri",
+           "VERSION"]
