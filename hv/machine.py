@@ -1,0 +1,666 @@
+"""A virtual machine: guest RAM, the in-kernel irqchip and PIT, one vCPU, the
+legacy devices, virtio-mmio devices, and the vCPU loop.
+
+    m = Machine(MachineConfig(mem_mib=128, kernel=..., initrd=..., append=...))
+    m.boot(); m.start(); m.wait()
+
+The vCPU loop is an explicit state machine run by one thread per vCPU:
+
+    prelaunch --start()--> running --pause()--> paused --resume()--> running
+        any --guest powers off / reboots / fails, stop()--> shutdown
+
+pause() sets kvm_run->immediate_exit and sends KICK_SIGNAL to the vCPU
+thread: KVM_RUN returns EINTR (after completing any pending I/O, so the vCPU
+state is consistent), the thread reports "paused" and waits. pause() returns
+once the vCPU is out of KVM_RUN, so save_state() sees a still guest.
+
+Guest physical layout: RAM from 0 (one slot, at most 3 GiB, below the 32-bit
+hole), virtio-mmio windows from 0xd0000000 (4 KiB each, GSI 5, 6, ...),
+IOAPIC 0xfec00000, LAPIC 0xfee00000, the TSS and identity map pages KVM
+needs just below 4 GiB.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import boot as bootmod
+from . import cpu as cpumod
+from . import kvm as K
+from . import mptable
+from ._kvm import lib
+from .devices import Device, IrqLine
+from .devices.bus import Bus
+from .devices.legacy import (I8042, I8042_BASE, I8042_LEN, POST_PORT, POWEROFF_PORT,
+                             PostCode, PowerOff)
+from .devices.uart import COM1_BASE, COM1_IRQ, NUM_REGS, Serial
+from .errors import HvError
+from .memory import GuestMemory
+
+log = logging.getLogger("hv.machine")
+
+MIB = 1 << 20
+MIN_MEM_MIB = 16
+MAX_MEM_MIB = 3072          # below the 32-bit MMIO hole
+VIRTIO_MMIO_BASE = 0xd0000000
+VIRTIO_MMIO_SIZE = 0x1000
+VIRTIO_FIRST_GSI = 5
+VIRTIO_MAX_DEVICES = 11     # GSIs 5..15
+KVM_TSS_ADDR = 0xfffbd000
+KVM_IDENTITY_MAP_ADDR = 0xfffbc000
+
+#: What hv itself puts on every kernel command line.
+HV_CMDLINE = f"console=ttyS0 hv_poweroff={POWEROFF_PORT:#x} reboot=k panic=-1"
+#: Extra boot-speed settings used when hv.images offers no base command line.
+FALLBACK_CMDLINE = "no_timer_check tsc=reliable i8042.noaux i8042.nokbd"
+
+# LAPIC registers (offsets in the KVM_GET_LAPIC page)
+APIC_LVT0 = 0x350
+APIC_LVT1 = 0x360
+APIC_MODE_EXTINT = 0x7
+APIC_MODE_NMI = 0x4
+
+STATUS_PRELAUNCH = "prelaunch"
+STATUS_RUNNING = "running"
+STATUS_PAUSED = "paused"
+STATUS_SHUTDOWN = "shutdown"
+STATUS_INMIGRATE = "inmigrate"
+
+STATE_VERSION = 1
+
+
+def base_cmdline() -> str:
+    try:
+        from . import images
+        extra = images.base_cmdline()
+    except Exception:
+        extra = FALLBACK_CMDLINE
+    words = HV_CMDLINE.split()
+    for w in extra.split():
+        if w not in words:
+            words.append(w)
+    return " ".join(words)
+
+
+@dataclass
+class MachineConfig:
+    mem_mib: int = 128
+    kernel: str | None = None
+    initrd: str | None = None
+    append: str = ""
+    balloon: bool = False
+    #: binary stream receiving the guest's console output (None: listeners only)
+    console: object = None
+    vcpus: int = 1
+    #: per-vCPU dirty ring size in bytes (0: no ring, use KVM_GET_DIRTY_LOG)
+    dirty_ring_bytes: int = 0
+    #: the kernel command line without the devices' entries (None: the default)
+    cmdline: str | None = None
+    balloon_options: dict = field(default_factory=dict)
+
+
+class MachineError(HvError):
+    pass
+
+
+class KvmIrqLine(IrqLine):
+    """A GSI of the in-kernel irqchip, driven with KVM_IRQ_LINE."""
+
+    def __init__(self, vm: K.Vm, gsi: int):
+        self.vm = vm
+        self.gsi = gsi
+
+    def set_level(self, level: bool) -> None:
+        self.vm.irq_line(self.gsi, level)
+
+
+class Machine:
+    def __init__(self, config: MachineConfig):
+        self.config = config
+        if not MIN_MEM_MIB <= config.mem_mib <= MAX_MEM_MIB:
+            raise MachineError(f"guest memory of {config.mem_mib} MiB is out of range: give "
+                               f"between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB")
+        if config.vcpus != 1:
+            raise MachineError("hv runs guests with one vCPU")
+        self.kvm = K.Kvm()
+        K.install_kick_handler()
+        self.memory = GuestMemory(config.mem_mib * MIB)
+        self.vm = self.kvm.create_vm()
+        self.dirty_logging = False
+        self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_addr)
+        self.vm.set_tss_addr(KVM_TSS_ADDR)
+        self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
+        self.vm.create_irqchip()
+        self.vm.create_pit2()
+        if config.dirty_ring_bytes:
+            self.vm.enable_dirty_ring(config.dirty_ring_bytes)
+        self.supported_cpuid = self.kvm.supported_cpuid()
+        self.vcpus: list[K.Vcpu] = []
+        for i in range(config.vcpus):
+            v = self.vm.create_vcpu(i)
+            v.set_cpuid2(cpumod.guest_cpuid(self.supported_cpuid, i, config.vcpus))
+            self._set_lint(v)
+            self.vcpus.append(v)
+        self.has_xcrs = bool(self.kvm.check_extension(lib.KVM_CAP_XCRS))
+        self.msr_indices = self._saved_msr_indices()
+
+        self.pio = Bus("pio")
+        self.mmio = Bus("mmio")
+        self._irq_lines: dict[int, KvmIrqLine] = {}
+        self.console_listeners: list[Callable[[bytes], None]] = []
+        self.serial = Serial(self.irq_line(COM1_IRQ))
+        self.serial.listeners.append(self._console_out)
+        self.pio.register(COM1_BASE, NUM_REGS, self.serial)
+        self.pio.register(I8042_BASE, I8042_LEN, I8042(self._on_reset))
+        self.pio.register(POWEROFF_PORT, 1, PowerOff(self._on_poweroff))
+        self.pio.register(POST_PORT, 1, PostCode())
+        self.virtio: list = []
+        self._virtio_cmdline: list[str] = []
+        self.balloon = None
+
+        self.commands: dict[str, Callable[[dict], object]] = {
+            "query-status": self._cmd_query_status,
+            "stop": self._cmd_stop,
+            "cont": self._cmd_cont,
+            "quit": self._cmd_quit,
+            "query-exits": lambda args: self.exit_summary(),
+        }
+        self.commands.update(self.serial.commands())
+
+        # vCPU loop state
+        self._cond = threading.Condition()
+        self._status = STATUS_PRELAUNCH
+        self._want = STATUS_RUNNING
+        self._threads: list[threading.Thread] = []
+        self._in_run = [False] * len(self.vcpus)
+        self.shutdown_reason: str | None = None
+        self.error: str | None = None
+        self.exit_counts: Counter = Counter()
+        self.io_counts: Counter = Counter()
+        self.started_at: float | None = None
+        self.boot_result: bootmod.BootResult | None = None
+        #: called with the vCPU on KVM_EXIT_DIRTY_RING_FULL (migration sets it);
+        #: the default harvests the ring and resets it.
+        self.dirty_ring_full_handler: Callable[[K.Vcpu], None] | None = None
+        self.on_shutdown: list[Callable[[str], None]] = []
+
+        if config.balloon:
+            self._add_balloon()
+
+    # -- helpers ---------------------------------------------------------------------
+    def irq_line(self, gsi: int) -> KvmIrqLine:
+        line = self._irq_lines.get(gsi)
+        if line is None:
+            line = self._irq_lines[gsi] = KvmIrqLine(self.vm, gsi)
+        return line
+
+    def _console_out(self, data: bytes) -> None:
+        stream = self.config.console
+        if stream is not None:
+            try:
+                stream.write(data)
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        for listener in list(self.console_listeners):
+            listener(data)
+
+    def _set_lint(self, vcpu: K.Vcpu) -> None:
+        """LINT0 as ExtINT (the PIC) and LINT1 as NMI, as a BIOS leaves them."""
+        lapic = bytearray(vcpu.get_lapic())
+        for reg, mode in ((APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)):
+            v = struct.unpack_from("<I", lapic, reg)[0]
+            v = (v & ~0x700) | (mode << 8)
+            struct.pack_into("<I", lapic, reg, v)
+        vcpu.set_lapic(bytes(lapic))
+
+    def _saved_msr_indices(self) -> list[int]:
+        wanted = list(dict.fromkeys(self.kvm.msr_index_list() + list(cpumod.boot_msrs())))
+        readable = self.vcpus[0].get_msrs(wanted)
+        return [i for i in wanted if i in readable]
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for slot 0."""
+        flags = lib.KVM_MEM_LOG_DIRTY_PAGES if enabled else 0
+        self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_addr, flags)
+        self.dirty_logging = enabled
+
+    # -- devices ----------------------------------------------------------------------------
+    def add_virtio_mmio(self, device):
+        """Put device behind a virtio-mmio transport in the next window; its
+        virtio_mmio.device= entry joins the command line (add before boot())."""
+        from .devices.virtio.mmio import VirtioMmioTransport
+        i = len(self.virtio)
+        if i >= VIRTIO_MAX_DEVICES:
+            raise MachineError(f"at most {VIRTIO_MAX_DEVICES} virtio devices")
+        base = VIRTIO_MMIO_BASE + VIRTIO_MMIO_SIZE * i
+        gsi = VIRTIO_FIRST_GSI + i
+        t = VirtioMmioTransport(device, self.memory, self.irq_line(gsi), f"virtio-mmio.{i}")
+        self.mmio.register(base, VIRTIO_MMIO_SIZE, t)
+        for hook, arg in (("irqfd", gsi), ("ioeventfd", base)):
+            fn = getattr(t, hook, None)
+            if callable(fn):
+                try:
+                    fn(self.vm, arg)
+                except Exception as e:  # the transport falls back to exits
+                    log.warning("virtio-mmio.%d: %s hook failed: %s", i, hook, e)
+        self.virtio.append(t)
+        self._virtio_cmdline.append(f"virtio_mmio.device=4K@{base:#x}:{gsi}")
+        for name, fn in t.commands().items():
+            self.commands.setdefault(name, fn)
+        return t
+
+    def _add_balloon(self) -> None:
+        try:
+            from .devices.virtio.balloon import Balloon
+        except ImportError as e:
+            log.warning("no virtio-balloon: %s", e)
+            return
+        self.balloon = Balloon(self.memory, **self.config.balloon_options)
+        self.add_virtio_mmio(self.balloon)
+
+    def devices(self) -> list[Device]:
+        return [d for _, _, d in self.pio.devices()] + [d for _, _, d in self.mmio.devices()]
+
+    # -- boot -------------------------------------------------------------------------------
+    def kernel_cmdline(self) -> str:
+        c = bootmod.Cmdline()
+        c.add(self.config.cmdline if self.config.cmdline is not None else base_cmdline())
+        for entry in self._virtio_cmdline:
+            c.add(entry)
+        if self.config.append:
+            c.add(self.config.append)
+        return str(c)
+
+    def boot(self) -> bootmod.BootResult:
+        """Load the kernel and initrd, write the MP table, set the vCPU's registers."""
+        if not self.config.kernel:
+            raise MachineError("no kernel given")
+        cmdline = bootmod.Cmdline().add(self.kernel_cmdline())
+        self.memory.write(mptable.MPTABLE_START, mptable.build(len(self.vcpus)))
+        result = bootmod.load_kernel(self.memory, self.config.kernel, cmdline,
+                                     self.config.initrd, mptable.e820_map(self.memory.size))
+        v = self.vcpus[0]
+        bootmod.setup_vcpu(v, result)
+        v.set_msrs(cpumod.boot_msrs())
+        v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)
+        self.boot_result = result
+        return result
+
+    # -- the vCPU loop ------------------------------------------------------------------------
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @status.setter
+    def status(self, value: str) -> None:
+        with self._cond:
+            self._status = value
+            self._cond.notify_all()
+
+    def start(self) -> None:
+        """Run the vCPU thread(s)."""
+        with self._cond:
+            if self._threads:
+                raise MachineError("machine already started")
+            if self._status == STATUS_SHUTDOWN:
+                raise MachineError("machine is shut down")
+            self._want = STATUS_PAUSED if self._status == STATUS_PAUSED else STATUS_RUNNING
+            self._status = self._want
+        self.started_at = time.monotonic()
+        for i, v in enumerate(self.vcpus):
+            t = threading.Thread(target=self._vcpu_thread, args=(i, v), name=f"hv-vcpu{i}",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def _kick(self) -> None:
+        for v, t in zip(self.vcpus, self._threads):
+            v.set_immediate_exit(True)
+            if t.ident is not None and t.is_alive():
+                try:
+                    signal.pthread_kill(t.ident, K.KICK_SIGNAL)
+                except ProcessLookupError:
+                    pass
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Take the vCPUs out of KVM_RUN; returns when they are out."""
+        with self._cond:
+            if self._status == STATUS_SHUTDOWN:
+                raise MachineError("the guest is shut down")
+            if not self._threads:
+                self._status = STATUS_PAUSED
+                return
+            self._want = STATUS_PAUSED
+            self._kick()
+            deadline = time.monotonic() + timeout
+            while self._status not in (STATUS_PAUSED, STATUS_SHUTDOWN) or any(self._in_run):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MachineError("the vCPU did not stop within %.0f s" % timeout)
+                self._cond.wait(min(left, 0.05))
+                if self._want == STATUS_PAUSED:
+                    self._kick()
+
+    def resume(self) -> None:
+        """Let the vCPUs run again."""
+        with self._cond:
+            if self._status == STATUS_SHUTDOWN:
+                raise MachineError("the guest is shut down")
+            self._want = STATUS_RUNNING
+            if not self._threads:
+                self._status = STATUS_PRELAUNCH
+                return
+            for v in self.vcpus:
+                v.set_immediate_exit(False)
+            self._status = STATUS_RUNNING
+            self._cond.notify_all()
+
+    def request_shutdown(self, reason: str) -> None:
+        """End the run (from any thread); wait() returns reason."""
+        with self._cond:
+            if self.shutdown_reason is None:
+                self.shutdown_reason = reason
+            self._want = STATUS_SHUTDOWN
+            if not self._threads or not any(t.is_alive() for t in self._threads):
+                self._status = STATUS_SHUTDOWN
+            self._cond.notify_all()
+        self._kick()
+
+    def _on_poweroff(self, value: int) -> None:
+        self.request_shutdown("poweroff")
+
+    def _on_reset(self) -> None:
+        self.request_shutdown("reboot")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut the machine down and wait for the vCPU threads."""
+        self.request_shutdown("quit")
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(timeout)
+
+    def wait(self, timeout: float | None = None) -> str | None:
+        """Block until the guest ends; returns shutdown_reason."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._status != STATUS_SHUTDOWN:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._cond.wait(left if left is not None else 1.0)
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(5)
+        return self.shutdown_reason
+
+    def _vcpu_thread(self, index: int, vcpu: K.Vcpu) -> None:
+        try:
+            self._vcpu_loop(index, vcpu)
+        except Exception as e:  # report, never hang
+            log.exception("vCPU %d failed", index)
+            self.error = self.error or f"vCPU {index}: {e}"
+            self.request_shutdown("error")
+        finally:
+            with self._cond:
+                self._in_run[index] = False
+                self._status = STATUS_SHUTDOWN
+                self._cond.notify_all()
+            for fn in list(self.on_shutdown):
+                try:
+                    fn(self.shutdown_reason or "")
+                except Exception:
+                    log.exception("shutdown callback failed")
+
+    def _vcpu_loop(self, index: int, vcpu: K.Vcpu) -> None:
+        pio, mmio, counts = self.pio, self.mmio, self.exit_counts
+        while True:
+            with self._cond:
+                while True:
+                    if self._want == STATUS_SHUTDOWN:
+                        return
+                    if self._want == STATUS_PAUSED:
+                        self._in_run[index] = False
+                        if self._status != STATUS_PAUSED:
+                            self._status = STATUS_PAUSED
+                            self._on_paused(vcpu)
+                        self._cond.notify_all()
+                        self._cond.wait()
+                        continue
+                    break
+                self._in_run[index] = True
+            ex = vcpu.run()
+            kind = type(ex)
+            counts[kind.__name__] += 1
+            if kind is K.IoOut:
+                port, size = ex.port, ex.size
+                self.io_counts[port] += 1
+                if ex.count == 1:
+                    pio.write(port, ex.data)
+                else:
+                    for i in range(ex.count):
+                        pio.write(port, ex.data[i * size:(i + 1) * size])
+            elif kind is K.IoIn:
+                port, size = ex.port, ex.size
+                self.io_counts[port] += 1
+                if ex.count == 1:
+                    ex.buf[:] = pio.read(port, size)
+                else:
+                    ex.buf[:] = b"".join(pio.read(port, size) for _ in range(ex.count))
+            elif kind is K.MmioWrite:
+                mmio.write(ex.addr, ex.data)
+            elif kind is K.MmioRead:
+                ex.buf[:] = mmio.read(ex.addr, ex.size)
+            elif kind is K.Intr:
+                vcpu.set_immediate_exit(False)
+            elif kind is K.Hlt:
+                # only without an in-kernel LAPIC; nothing will wake the vCPU
+                self.request_shutdown("halt")
+            elif kind is K.Shutdown:
+                self.request_shutdown("reboot")        # triple fault
+            elif kind is K.SystemEvent:
+                self.request_shutdown("reboot" if ex.type == lib.KVM_SYSTEM_EVENT_RESET
+                                      else "poweroff")
+            elif kind is K.DirtyRingFull:
+                handler = self.dirty_ring_full_handler
+                if handler is not None:
+                    handler(vcpu)
+                else:
+                    vcpu.harvest_dirty_ring()
+                    self.vm.reset_dirty_rings()
+            elif kind is K.InternalError:
+                self.error = self.describe_failure(vcpu, ex)
+                log.error("%s", self.error)
+                self.request_shutdown("internal-error")
+            elif kind is K.FailEntry:
+                self.error = (f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason "
+                              f"{ex.reason:#x} on CPU {ex.cpu}\n" + self.describe_regs(vcpu))
+                log.error("%s", self.error)
+                self.request_shutdown("internal-error")
+            else:
+                log.warning("unhandled vCPU exit %r", ex)
+
+    def _on_paused(self, vcpu: K.Vcpu) -> None:
+        try:
+            vcpu.kvmclock_ctrl()
+        except K.KvmError:
+            pass    # the guest has not enabled kvmclock yet
+
+    # -- diagnostics --------------------------------------------------------------------------
+    def gva_to_gpa(self, vcpu: K.Vcpu, gva: int, sregs: dict | None = None) -> int | None:
+        """Walk the guest's page tables (4-level, long mode) or return gva when
+        paging is off."""
+        s = sregs or vcpu.get_sregs()
+        if not s["cr0"] & bootmod.X86_CR0_PG:
+            return gva & 0xffffffff
+        if not s["efer"] & bootmod.EFER_LMA:
+            return None
+        table = s["cr3"] & 0x000ffffffffff000
+        for level, shift in enumerate((39, 30, 21, 12)):
+            idx = (gva >> shift) & 0x1ff
+            if not self.memory.contains(table + idx * 8, 8):
+                return None
+            entry = self.memory.read_u64(table + idx * 8)
+            if not entry & 1:
+                return None
+            addr = entry & 0x000ffffffffff000
+            if shift in (30, 21) and entry & 0x80:
+                mask = (1 << shift) - 1
+                return (addr & ~mask) | (gva & mask)
+            table = addr
+        return table | (gva & 0xfff)
+
+    def describe_regs(self, vcpu: K.Vcpu) -> str:
+        try:
+            r = vcpu.get_regs()
+            s = vcpu.get_sregs()
+        except K.KvmError as e:
+            return f"(registers unavailable: {e})"
+        lines = ["  " + " ".join(f"{n}={r[n]:#x}" for n in names) for names in (
+            ("rip", "rflags", "rsp", "rbp"), ("rax", "rbx", "rcx", "rdx", "rsi", "rdi"),
+            ("r8", "r9", "r10", "r11"), ("r12", "r13", "r14", "r15"))]
+        lines.append(f"  cr0={s['cr0']:#x} cr2={s['cr2']:#x} cr3={s['cr3']:#x} "
+                     f"cr4={s['cr4']:#x} efer={s['efer']:#x} cs={s['cs']['selector']:#x} "
+                     f"(l={s['cs']['l']} db={s['cs']['db']} dpl={s['cs']['dpl']})")
+        rip = s["cs"]["base"] + r["rip"] if not s["efer"] & bootmod.EFER_LMA else r["rip"]
+        gpa = self.gva_to_gpa(vcpu, rip, s)
+        if gpa is not None and self.memory.contains(gpa, 16):
+            lines.append(f"  code at rip (gpa {gpa:#x}): {self.memory.read(gpa, 16).hex(' ')}")
+        return "\n".join(lines)
+
+    def describe_failure(self, vcpu: K.Vcpu, ex: K.InternalError) -> str:
+        what = {1: "emulation failure", 2: "simultaneous exception",
+                3: "delivery event"}.get(ex.suberror, "internal error")
+        head = (f"KVM_EXIT_INTERNAL_ERROR suberror {ex.suberror} ({what}); "
+                f"data {[hex(d) for d in ex.data]}")
+        hint = ""
+        if ex.suberror == 1:
+            hint = ("\n  the instruction at rip could not be emulated: hide the CPU feature "
+                    "that makes the guest use it (hv.cpu) or avoid it in the guest kernel")
+        return head + "\n" + self.describe_regs(vcpu) + hint
+
+    def exit_summary(self) -> dict:
+        return {"exits": dict(self.exit_counts),
+                "io_ports": {f"{p:#x}": n for p, n in self.io_counts.most_common(12)},
+                "unhandled_pio": self.pio.unhandled, "unhandled_mmio": self.mmio.unhandled}
+
+    # -- save / restore -------------------------------------------------------------------------
+    def save_state(self) -> dict:
+        """The whole machine state but RAM, as plain data (the vCPUs must be paused)."""
+        with self._cond:
+            if self._threads and self._status not in (STATUS_PAUSED, STATUS_SHUTDOWN):
+                raise MachineError("pause the machine before saving its state")
+        vcpus = []
+        for v in self.vcpus:
+            vs = {
+                "regs": v.get_regs(),
+                "sregs": v.get_sregs(),
+                "fpu": v.get_fpu(),
+                "msrs": [[i, val] for i, val in v.get_msrs(self.msr_indices).items()],
+                "lapic": v.get_lapic(),
+                "events": v.get_vcpu_events(),
+                "mp_state": v.get_mp_state(),
+                "debugregs": v.get_debugregs(),
+            }
+            if self.has_xcrs:
+                try:
+                    vs["xcrs"] = v.get_xcrs()
+                except K.KvmError:
+                    pass
+            vcpus.append(vs)
+        return {
+            "version": STATE_VERSION,
+            "mem_size": self.memory.size,
+            "vcpus": vcpus,
+            "irqchip": {
+                "pic_master": self.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_MASTER),
+                "pic_slave": self.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_SLAVE),
+                "ioapic": self.vm.get_irqchip(lib.KVM_IRQCHIP_IOAPIC),
+            },
+            "pit": self.vm.get_pit2(),
+            "clock": self.vm.get_clock(),
+            "devices": {d.name: d.save() for d in self.devices()},
+        }
+
+    def restore_state(self, state: dict) -> None:
+        """Load save_state() output into this freshly created, not booted machine."""
+        if state.get("version") != STATE_VERSION:
+            raise MachineError(f"machine state version {state.get('version')} is not "
+                               f"{STATE_VERSION}")
+        if state["mem_size"] != self.memory.size:
+            raise MachineError(f"saved guest has {state['mem_size'] >> 20} MiB of RAM, this "
+                               f"machine {self.memory.size >> 20} MiB")
+        if len(state["vcpus"]) != len(self.vcpus):
+            raise MachineError("vCPU count differs from the saved machine")
+        self.vm.set_pit2(state["pit"])
+        self.vm.set_clock(state["clock"]["clock"])
+        for key in ("pic_master", "pic_slave", "ioapic"):
+            self.vm.set_irqchip(state["irqchip"][key])
+        for v, vs in zip(self.vcpus, state["vcpus"]):
+            v.set_mp_state(vs["mp_state"])
+            v.set_regs(vs["regs"])
+            v.set_sregs(vs["sregs"])
+            v.set_fpu(vs["fpu"])
+            if "xcrs" in vs and self.has_xcrs:
+                v.set_xcrs(vs["xcrs"])
+            v.set_debugregs(vs["debugregs"])
+            v.set_lapic(vs["lapic"])
+            msrs = {int(i): int(val) for i, val in vs["msrs"]}
+            done = v.set_msrs(msrs)
+            if done != len(msrs):
+                bad = list(msrs)[done]
+                log.warning("KVM_SET_MSRS stopped at MSR %#x; setting the rest one by one", bad)
+                for i, val in msrs.items():
+                    if v.set_msrs({i: val}) != 1:
+                        log.warning("MSR %#x not restored", i)
+            v.set_vcpu_events(vs["events"])
+        devices = {d.name: d for d in self.devices()}
+        for name, ds in state["devices"].items():
+            d = devices.get(name)
+            if d is None:
+                raise MachineError(f"saved device {name!r} does not exist on this machine")
+            d.restore(ds)
+
+    # -- control commands -------------------------------------------------------------------------
+    def _cmd_query_status(self, args: dict) -> dict:
+        return {"status": self.status, "running": self.status == STATUS_RUNNING}
+
+    def _cmd_stop(self, args: dict) -> dict:
+        if self.status == STATUS_RUNNING:
+            self.pause()
+        return {}
+
+    def _cmd_cont(self, args: dict) -> dict:
+        if self.status == STATUS_PAUSED or self.status == STATUS_PRELAUNCH and self._threads:
+            self.resume()
+        return {}
+
+    def _cmd_quit(self, args: dict) -> dict:
+        threading.Thread(target=self.request_shutdown, args=("quit",), daemon=True).start()
+        return {}
+
+    # -- teardown -----------------------------------------------------------------------------------
+    def close(self) -> None:
+        if any(t.is_alive() for t in self._threads):
+            self.stop()
+        for d in self.devices():
+            try:
+                d.close()
+            except Exception:
+                log.exception("closing %s", d.name)
+        self.vm.close()
+        self.kvm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
