@@ -147,9 +147,7 @@ class Balloon(VirtioDevice):
     def reset(self) -> None:
         with self.lock:
             super().reset()
-            if self._bm is not None and not self._bm["done"]:
-                self._bm["error"] = "the guest reset the balloon device"
-                self._bm["done"] = True
+            self._fail_bitmap("the guest reset the balloon device")
             self._init_state()
             self._cond.notify_all()
 
@@ -190,14 +188,26 @@ class Balloon(VirtioDevice):
         q = self.queues[queue_index]
         handler = getattr(self, "_handle_" + role)
         used = False
-        while True:
-            chain = q.pop()
-            if chain is None:
-                break
-            if handler(q, chain):
-                used = True
-        if used:
-            self.signal_used(queue_index)
+        try:
+            while True:
+                chain = q.pop()
+                if chain is None:
+                    break
+                if handler(q, chain):
+                    used = True
+        except Exception as e:
+            # The device is about to need a reset: nobody will answer.
+            self._fail_bitmap(f"the device needs a reset: {e}")
+            raise
+        finally:
+            if used:
+                self.signal_used(queue_index)
+
+    def _fail_bitmap(self, reason: str) -> None:
+        if self._bm is not None and not self._bm["done"]:
+            self._bm["error"] = reason
+            self._bm["done"] = True
+            self._cond.notify_all()
 
     # -- inflate / deflate ------------------------------------------------------------
     def _pfns(self, chain: DescChain) -> np.ndarray:

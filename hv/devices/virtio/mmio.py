@@ -26,6 +26,7 @@ import logging
 import struct
 import threading
 
+from ...errors import GuestMemoryError
 from ...memory import GuestMemory
 from .. import Device, IrqLine
 from .device import VIRTIO_F_VERSION_1, VirtioDevice
@@ -311,11 +312,12 @@ class VirtioMmioTransport(Device):
             self.device.activate(self.driver_features, queues)
             # Buffers the driver posted before DRIVER_OK (the balloon's stats
             # buffer) are picked up now.
-            for i, q in enumerate(queues):
-                if q.ready:
-                    self.device.process(i)
         except VirtioError as e:
             self.set_needs_reset(str(e))
+            return
+        for i, q in enumerate(queues):
+            if q.ready and not self.broken:
+                self._process(i)
 
     def _notify(self, index: int) -> None:
         if self.broken or not self.status & STATUS_DRIVER_OK or not self.device.active:
@@ -323,10 +325,16 @@ class VirtioMmioTransport(Device):
         if index >= len(self.queues) or not self.queues[index].ready:
             log.debug("%s: notify for queue %d which is not ready", self.name, index)
             return
+        self._process(index)
+
+    def _process(self, index: int) -> None:
         try:
             self.device.process(index)
-        except VirtioError as e:
+        except (VirtioError, GuestMemoryError) as e:
             self.set_needs_reset(str(e))
+        except Exception as e:  # a device bug: keep the VMM and the guest running
+            log.exception("%s: queue %d", self.name, index)
+            self.set_needs_reset(f"internal error: {type(e).__name__}: {e}")
 
     def reset(self) -> None:
         with self.lock:
