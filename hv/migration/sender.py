@@ -162,28 +162,48 @@ class KvmDirtyLog(VmmDirtyLog):
 
 
 class RingDirtyLog(KvmDirtyLog):
-    """The per-vCPU dirty rings (the machine must have been created with them)."""
+    """The per-vCPU dirty rings (the machine must have been created with them).
+    A full ring (KVM_EXIT_DIRTY_RING_FULL) is harvested on the vCPU thread into
+    the pending set, so nothing is lost between syncs."""
 
     def start(self) -> None:
         if not getattr(self.vm, "dirty_ring_bytes", 0):
             raise MigrationError("dirty_log \"ring\" needs a machine created with a dirty ring "
                                  "(KVM_CAP_DIRTY_LOG_RING is enabled before the vCPUs exist)")
+        self._pending = np.zeros(self.npages, dtype=bool)
+        self._plock = threading.Lock()
         self._set_logging(True)
+        if hasattr(self.machine, "dirty_ring_full_handler"):
+            self.machine.dirty_ring_full_handler = self._on_full
         VmmDirtyLog.start(self)
 
+    def _harvest(self, vcpu) -> None:
+        entries = vcpu.harvest_dirty_ring()
+        if entries:
+            arr = np.array(entries, dtype=np.uint64).reshape(-1, 2)
+            offs = arr[:, 1][(arr[:, 0] == self.SLOT) & (arr[:, 1] < self.npages)]
+            self._pending[offs.astype(np.int64)] = True
+
+    def _on_full(self, vcpu) -> None:
+        with self._plock:
+            self._harvest(vcpu)
+            self.vm.reset_dirty_rings()
+
     def sync(self) -> np.ndarray:
-        bits = np.zeros(self.npages, dtype=bool)
-        for vcpu in self.machine.vcpus:
-            entries = vcpu.harvest_dirty_ring()
-            if entries:
-                arr = np.array(entries, dtype=np.uint64).reshape(-1, 2)
-                offs = arr[:, 1][(arr[:, 0] == self.SLOT) & (arr[:, 1] < self.npages)]
-                bits[offs.astype(np.int64)] = True
-        self.vm.reset_dirty_rings()
         from ..memory import pack_bitmap
+        with self._plock:
+            for vcpu in self.machine.vcpus:
+                self._harvest(vcpu)
+            self.vm.reset_dirty_rings()
+            bits, self._pending = self._pending, np.zeros(self.npages, dtype=bool)
         bm = pages.as_bitmap(pack_bitmap(bits), self.npages)
         pages.or_into(bm, VmmDirtyLog.sync(self))
         return bm
+
+    def stop(self) -> None:
+        if getattr(self.machine, "dirty_ring_full_handler", None) == self._on_full:
+            self.machine.dirty_ring_full_handler = None
+        super().stop()
 
 
 def dirty_log_for(machine, kind: str):
@@ -647,6 +667,10 @@ class Migration:
 
 def stop_machine(machine) -> None:
     """Stop the source machine after a completed migration."""
+    fn = getattr(machine, "request_shutdown", None)
+    if callable(fn):
+        fn("migrated")
+        return
     for name in ("shutdown", "stop", "quit"):
         fn = getattr(machine, name, None)
         if callable(fn):

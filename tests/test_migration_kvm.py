@@ -1,0 +1,176 @@
+"""Live migration between two hv Machines over loopback TCP, with a tiny
+hand-made guest that keeps writing memory (no Linux image needed).
+
+The guest (32-bit flat protected mode, placed at 0x1000 by the test):
+
+        mov  esi, 0x100000          ; a 4 MiB window at 1 MiB
+        xor  ecx, ecx
+    1:  inc  ecx
+        mov  eax, ecx
+        and  eax, 0x3ff
+        shl  eax, 12
+        mov  [esi+eax], ecx         ; counter into page (counter % 1024)
+        mov  [0x2000], ecx          ; and at 0x2000
+        jmp  1b
+
+ecx lives in the vCPU state, so a correct migration keeps counting on the
+destination from where the source stopped.
+"""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from hv.memory import PAGE_SIZE
+from hv.migration import pages
+from hv.migration.receiver import listen, receive
+from hv.migration.sender import Migration, MigrationParams
+
+pytestmark = pytest.mark.kvm
+
+LOAD = 0x1000
+CODE = bytes.fromhex("be00001000" "31c9" "41" "89c8" "25ff030000" "c1e00c" "890c06"
+                     "890d00200000" "ebea")
+MEM_MIB = 32
+
+
+def flat32(vcpu):
+    s = vcpu.get_sregs()
+    code = dict(base=0, limit=0xffffffff, selector=0x10, type=11, present=1, dpl=0,
+                db=1, s=1, l=0, g=1, avl=0, unusable=0)
+    data = dict(code, selector=0x18, type=3)
+    s["cs"] = code
+    for seg in ("ds", "es", "fs", "gs", "ss"):
+        s[seg] = dict(data)
+    s["cr0"] |= 1
+    vcpu.set_sregs(s)
+    vcpu.set_regs({"rip": LOAD, "rflags": 2, "rsp": 0x8000})
+
+
+def make_machine(**kw):
+    from hv.machine import Machine, MachineConfig
+    return Machine(MachineConfig(mem_mib=MEM_MIB, **kw))
+
+
+def writer_guest(**kw):
+    m = make_machine(**kw)
+    m.memory.write(LOAD, CODE)
+    # some static data the guest never touches, and a "free" area of garbage
+    m.memory.array()[8 << 20:12 << 20] = np.random.default_rng(3).integers(
+        0, 256, 4 << 20, dtype=np.uint8)
+    flat32(m.vcpus[0])
+    m.start()
+    deadline = time.monotonic() + 30
+    while m.memory.read_u32(0x2000) < 1000:
+        assert time.monotonic() < deadline, "the tiny guest does not run"
+        time.sleep(0.01)
+    return m
+
+
+def counter(m):
+    return m.memory.read_u32(0x2000)
+
+
+def migrate_once(src, dst, snapshots, **params):
+    lst = listen("tcp:127.0.0.1:0")
+    port = lst.getsockname()[1]
+    res = {}
+
+    def restore(state):
+        snapshots["dst"] = dst.memory.array().copy()
+        dst.restore_state(state)
+
+    def run():
+        try:
+            res["rx"] = receive(dst.memory, lst, restore, dst.start, timeout=30)
+        except Exception as e:
+            res["error"] = e
+        finally:
+            lst.close()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def on_paused(m):
+        snapshots["src"] = m.memory.array().copy()
+        snapshots["src_counter"] = counter(m)
+
+    mig = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", on_paused=on_paused,
+                                         **params))
+    mig.run()
+    t.join(30)
+    return mig.query(), res
+
+
+@pytest.fixture
+def machines():
+    made = []
+
+    def make(kind="src", **kw):
+        m = writer_guest(**kw) if kind == "src" else make_machine(**kw)
+        made.append(m)
+        return m
+    yield make
+    for m in made:
+        try:
+            m.close()
+        except Exception:
+            pass
+
+
+@pytest.mark.parametrize("dirty_log", ["bitmap", "ring"])
+def test_tiny_guest_migrates_and_keeps_running(machines, dirty_log):
+    kw = {"dirty_ring_bytes": 64 * 1024} if dirty_log == "ring" else {}
+    src = machines("src", **kw)
+    dst = machines("dst", **kw)
+    snaps = {}
+    q, res = migrate_once(src, dst, snaps, free_pages="off", verify=True,
+                          dirty_log=dirty_log, downtime_ms=50)
+    assert q["status"] == "completed", q
+    assert "error" not in res, res.get("error")
+    assert res["rx"].verified
+    # Memory identical at the pause (checked by VERIFY too, and here in full).
+    assert (snaps["src"] == snaps["dst"]).all()
+    # The guest continues on the destination from where it stopped.
+    c0 = snaps["src_counter"]
+    deadline = time.monotonic() + 20
+    while counter(dst) <= c0 + 1000:
+        assert time.monotonic() < deadline, "guest does not run on the destination"
+        time.sleep(0.01)
+    assert src.status == "shutdown"
+    assert q["pages_skipped_zero"] > 0 and q["pages_sent"] >= (4 << 20) // PAGE_SIZE
+
+
+def test_cut_connection_then_second_migration(machines):
+    src = machines("src")
+    # A destination that drops the connection after reading a little.
+    lst = listen("tcp:127.0.0.1:0")
+    port = lst.getsockname()[1]
+
+    def rude():
+        c, _ = lst.accept()
+        c.recv(100000)
+        c.close()
+        lst.close()
+    threading.Thread(target=rude, daemon=True).start()
+    mig = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", free_pages="off",
+                                         timeout_s=5))
+    mig.run()
+    q = mig.query()
+    assert q["status"] == "failed" and q["error"], q
+    assert src.status == "running"
+    c0 = counter(src)
+    time.sleep(0.3)
+    assert counter(src) > c0, "the source guest must keep running after a failed migration"
+
+    dst = machines("dst")
+    snaps = {}
+    q, res = migrate_once(src, dst, snaps, free_pages="off", verify=True)
+    assert q["status"] == "completed", q
+    assert (snaps["src"] == snaps["dst"]).all()
+    c1 = snaps["src_counter"]
+    deadline = time.monotonic() + 20
+    while counter(dst) <= c1 + 100:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
