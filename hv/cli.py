@@ -1,0 +1,264 @@
+"""run-guest: boot a Linux guest under hv.
+
+    run-guest                                  interactive console (Ctrl-A X quits)
+    run-guest --exec 'uname -a; exit 3'        run a command, exit with its status
+    run-guest --mem 256 --balloon --control /tmp/hv.sock --verbose
+
+Exit status: the --exec command's status; otherwise 0 when the guest powers
+off or reboots, 1 when it fails (KVM internal error, the command's status
+line missing), 2 for usage errors (no /dev/kvm, not a kernel image, too
+little memory, ...), printed as one line without a traceback.
+
+Extensions (live migration's --incoming) hook in with register_extension():
+add_arguments(parser) adds options; setup(args, machine) runs after the
+machine and its control socket exist and returns True when it has prepared
+the guest itself (restored instead of booted). Modules named in EXTENSIONS
+are imported when present so that they can register.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import importlib
+import logging
+import os
+import re
+import signal
+import sys
+import termios
+import threading
+import time
+import tty
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import HvError
+
+EXTENSIONS = ("hv.migration.cli",)
+DEFAULT_MEM_MIB = 128
+CTRL_A = 0x01
+EXIT_STATUS_RE = re.compile(rb"hv-guest: exit-status (-?\d+)")
+READY_MARK = b"hv-guest: ready"
+
+
+@dataclass
+class Extension:
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+    setup: Callable[[argparse.Namespace, object], bool] | None = None
+
+
+_extensions: list[Extension] = []
+
+
+def register_extension(add_arguments=None, setup=None) -> None:
+    """Add CLI options (add_arguments(parser)) and a setup(args, machine) step
+    that returns True when it prepared the guest instead of boot()."""
+    _extensions.append(Extension(add_arguments, setup))
+
+
+def _load_extensions() -> None:
+    for name in EXTENSIONS:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            if e.name != name:
+                logging.getLogger("hv.cli").debug("extension %s: %s", name, e)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run-guest", description="Run a Linux guest under hv (KVM).",
+        epilog="In the interactive console, Ctrl-A X quits and Ctrl-A Ctrl-A sends Ctrl-A.")
+    g = p.add_argument_group("guest")
+    g.add_argument("--kernel", metavar="PATH",
+                   help="ELF vmlinux with a PVH note, or a bzImage (default: the built "
+                        "guest image)")
+    g.add_argument("--initrd", metavar="PATH",
+                   help="initramfs (default: the built guest image; '' for none)")
+    g.add_argument("--mem", metavar="MIB", type=int, default=DEFAULT_MEM_MIB,
+                   help=f"guest RAM in MiB (default {DEFAULT_MEM_MIB})")
+    g.add_argument("--append", metavar="ARGS", default="",
+                   help="extra kernel command line arguments")
+    g.add_argument("--balloon", action="store_true", help="add a virtio-balloon device")
+    r = p.add_argument_group("running")
+    r.add_argument("--exec", metavar="CMD", dest="exec_cmd",
+                   help="run CMD in the guest with sh -c, print its output, exit with "
+                        "its status")
+    r.add_argument("--control", metavar="PATH",
+                   help="serve the JSON control protocol on this UNIX socket")
+    r.add_argument("--verbose", "-v", action="store_true",
+                   help="report the boot time and the vCPU exit counts")
+    for ext in _extensions:
+        if ext.add_arguments:
+            ext.add_arguments(p)
+    return p
+
+
+def _default_images(args) -> tuple[str, str | None]:
+    kernel, initrd = args.kernel, args.initrd
+    if kernel is None or initrd is None:
+        from . import images
+        try:
+            dk, di = images.paths()
+        except HvError:
+            if kernel is None:
+                raise
+            dk, di = None, None
+        kernel = kernel or dk
+        if initrd is None:
+            initrd = di
+    return kernel, (initrd or None)
+
+
+class Terminal:
+    """Raw-mode stdin forwarded to the UART, with QEMU's Ctrl-A escapes."""
+
+    def __init__(self, machine, fd: int = 0):
+        self.machine = machine
+        self.fd = fd
+        self.saved = None
+        self.escape = False
+        if os.isatty(fd):
+            self.saved = termios.tcgetattr(fd)
+            tty.setraw(fd)
+        self.thread = threading.Thread(target=self._loop, name="hv-stdin", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                data = os.read(self.fd, 1024)
+            except OSError:
+                return
+            if not data:
+                return
+            out = bytearray()
+            for b in data:
+                if self.escape:
+                    self.escape = False
+                    if b in (ord("x"), ord("X")):
+                        self.machine.request_shutdown("quit")
+                        return
+                    if b == CTRL_A:
+                        out.append(CTRL_A)
+                    elif b in (ord("h"), ord("H"), ord("?")):
+                        sys.stderr.write("\r\nC-a x  quit\r\nC-a C-a  send C-a\r\n")
+                        sys.stderr.flush()
+                elif b == CTRL_A and self.saved is not None:
+                    self.escape = True
+                else:
+                    out.append(b)
+            while out:
+                n = self.machine.serial.enqueue(bytes(out))
+                del out[:n]
+                if out:
+                    time.sleep(0.01)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            self.saved = None
+
+
+class ConsoleWatch:
+    """Scans the console for hv-guest marker lines."""
+
+    def __init__(self):
+        self.tail = b""
+        self.exit_status: int | None = None
+        self.ready_at: float | None = None
+
+    def __call__(self, data: bytes) -> None:
+        self.tail = (self.tail + data)[-256:]
+        if self.ready_at is None and READY_MARK in self.tail:
+            self.ready_at = time.monotonic()
+        if self.exit_status is None and b"\n" in data:
+            m = EXIT_STATUS_RE.search(self.tail)
+            if m:
+                self.exit_status = int(m.group(1))
+
+
+def run(args) -> int:
+    from .machine import Machine, MachineConfig
+    from .control import ControlServer
+
+    kernel, initrd = _default_images(args)
+    append = args.append
+    if args.exec_cmd is not None:
+        append = (append + " hv.exec=" +
+                  base64.b64encode(args.exec_cmd.encode()).decode()).strip()
+    t0 = time.monotonic()
+    m = Machine(MachineConfig(mem_mib=args.mem, kernel=kernel, initrd=initrd, append=append,
+                              balloon=args.balloon, console=sys.stdout.buffer))
+    watch = ConsoleWatch()
+    m.console_listeners.append(watch)
+    server = ControlServer(args.control, m.commands) if args.control else None
+    term = None
+    old_term = signal.signal(signal.SIGTERM, lambda *a: m.request_shutdown("terminated"))
+    try:
+        prepared = False
+        for ext in _extensions:
+            if ext.setup and ext.setup(args, m):
+                prepared = True
+        if not prepared:
+            m.boot()
+        if m.status not in ("running", "shutdown"):
+            if m.status != "paused":
+                m.start()
+        if args.exec_cmd is None:
+            term = Terminal(m)
+        try:
+            reason = m.wait()
+        except KeyboardInterrupt:
+            m.stop()
+            reason = "interrupted"
+    finally:
+        if term:
+            term.restore()
+        signal.signal(signal.SIGTERM, old_term)
+        if server:
+            server.close()
+    sys.stdout.flush()
+    if args.verbose:
+        if watch.ready_at is not None:
+            print(f"hv: guest ready {watch.ready_at - t0:.2f} s after start", file=sys.stderr)
+        print(f"hv: guest ended ({reason}) after {time.monotonic() - t0:.2f} s",
+              file=sys.stderr)
+        s = m.exit_summary()
+        print("hv: vCPU exits: " + ", ".join(f"{k} {v}" for k, v in
+                                            sorted(s["exits"].items(), key=lambda x: -x[1])),
+              file=sys.stderr)
+        print("hv: busiest ports: " + ", ".join(f"{k} {v}" for k, v in s["io_ports"].items()),
+              file=sys.stderr)
+    m.close()
+    if m.error:
+        print(f"run-guest: guest failed: {m.error}", file=sys.stderr)
+        return 1
+    if reason == "interrupted":
+        return 130
+    if args.exec_cmd is not None:
+        if watch.exit_status is None:
+            print(f"run-guest: the guest ended ({reason}) without reporting the command's "
+                  "exit status", file=sys.stderr)
+            return 1
+        return watch.exit_status & 0xff
+    return 0
+
+
+def main(argv=None) -> int:
+    _load_extensions()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except HvError as e:
+        print(f"run-guest: {e}", file=sys.stderr)
+        return getattr(e, "exit_status", 2)
+    except OSError as e:
+        print(f"run-guest: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
