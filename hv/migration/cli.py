@@ -1,0 +1,48 @@
+"""run-guest's live-migration options (a hv.cli extension).
+
+    run-guest --mem 256 --balloon --control /tmp/src.sock      source; then
+        {"execute": "migrate", "arguments": {"uri": "tcp:HOST:PORT"}}
+    run-guest --mem 256 --balloon --incoming tcp:0.0.0.0:4444  destination
+
+Every machine gets the migrate / query-migrate / migrate-cancel commands.
+With --incoming the machine is not booted: it waits for a migration, restores
+the guest it receives and runs it. A malformed stream or a dropped connection
+ends run-guest with a one-line error and a non-zero status; nothing runs.
+"""
+
+from __future__ import annotations
+
+from .commands import install
+
+
+def add_arguments(parser) -> None:
+    g = parser.add_argument_group("live migration")
+    g.add_argument("--incoming", metavar="tcp:HOST:PORT",
+                   help="do not boot: wait for a live migration on HOST:PORT and run the "
+                        "guest it brings (start with the same --mem and devices as the source)")
+    g.add_argument("--incoming-timeout", metavar="SEC", type=float, default=None,
+                   help="give up when no migration arrives within SEC seconds")
+    g.add_argument("--incoming-io-timeout", metavar="SEC", type=float, default=60.0,
+                   help="give up when the source sends nothing for SEC seconds (default 60)")
+    g.add_argument("--incoming-require-verify", action="store_true",
+                   help="refuse a migration that does not carry page hashes (VERIFY)")
+
+
+def setup(args, machine) -> bool:
+    install(machine)
+    uri = getattr(args, "incoming", None)
+    if not uri:
+        return False
+    from .receiver import incoming
+    incoming(machine, uri, timeout=args.incoming_io_timeout,
+             accept_timeout=args.incoming_timeout,
+             require_verify=args.incoming_require_verify)
+    return True
+
+
+def _register() -> None:
+    from .. import cli
+    cli.register_extension(add_arguments, setup)
+
+
+_register()
