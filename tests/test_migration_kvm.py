@@ -24,7 +24,6 @@ import numpy as np
 import pytest
 
 from hv.memory import PAGE_SIZE
-from hv.migration import pages
 from hv.migration.receiver import listen, receive
 from hv.migration.sender import Migration, MigrationParams
 

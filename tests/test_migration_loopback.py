@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from hv.memory import PAGE_SIZE, GuestMemory, pack_bitmap
-from hv.migration import pages
 from hv.migration.commands import install
 from hv.migration.protocol import MigrationError
 from hv.migration.receiver import listen, receive

@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 from hv.memory import PAGE_SIZE, GuestMemory, pack_bitmap, unpack_bitmap
 from hv.migration import pages

@@ -83,7 +83,7 @@ class MigrationParams:
             raise MigrationError(f'free_pages must be "bitmap", "hint" or "off", not '
                                  f'{p.free_pages!r}')
         if p.dirty_log not in ("bitmap", "ring", "vmm"):
-            raise MigrationError(f'dirty_log must be "bitmap", "ring" or "vmm"')
+            raise MigrationError('dirty_log must be "bitmap", "ring" or "vmm"')
         if not 1 <= int(p.connections) <= 64:
             raise MigrationError("connections must be 1..64")
         p.connections = int(p.connections)

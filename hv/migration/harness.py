@@ -1,0 +1,113 @@
+"""Helpers for scripts that drive run-guest processes (migrate-between-hosts,
+bench-migration): a guest process with its console collected and typed into,
+the control client with retries, the guest workload command."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+#: run-guest in this interpreter (hv.cli's extensions register on import).
+RUN_GUEST = [sys.executable, "-c", "import sys; from hv.cli import main; sys.exit(main())"]
+
+
+def workload(keep_mib: int, fill_mib: int) -> str:
+    """The guest command: write FILL MiB and free them, then hold KEEP MiB
+    (a "verify" line on the console re-checks every byte held)."""
+    return f"hvmem fill {fill_mib} --free && exec hvmem hold {keep_mib}"
+
+
+def exec_arg(command: str) -> str:
+    return "hv.exec=" + base64.b64encode(command.encode()).decode()
+
+
+def in_netns(ns: str | None):
+    def enter():
+        if ns:
+            from pyroute2 import netns
+            netns.setns(ns)
+        os.setsid()
+    return enter
+
+
+class Guest:
+    """A run-guest process in a namespace; its console output collected."""
+
+    def __init__(self, name: str, ns: str | None, argv: list[str], logdir: str):
+        self.name = name
+        self.out = bytearray()
+        self.cond = threading.Condition()
+        self.logf = open(os.path.join(logdir, f"{name}.log"), "wb")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, preexec_fn=in_netns(ns))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            data = self.proc.stdout.read1(65536)
+            if not data:
+                break
+            self.logf.write(data)
+            self.logf.flush()
+            with self.cond:
+                self.out += data
+                self.cond.notify_all()
+        with self.cond:
+            self.cond.notify_all()
+
+    def mark(self) -> int:
+        with self.cond:
+            return len(self.out)
+
+    def wait_for(self, needle: str, timeout: float, start: int = 0) -> str:
+        raw = needle.encode()
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while raw not in self.out[start:]:
+                if self.proc.poll() is not None and raw not in self.out[start:]:
+                    raise RuntimeError(f"{self.name}: run-guest exited with status "
+                                       f"{self.proc.returncode} before {needle!r}:\n"
+                                       + self.tail())
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"{self.name}: {needle!r} not seen within {timeout:.0f} s"
+                                       f":\n" + self.tail())
+                self.cond.wait(min(left, 1.0))
+            return self.out[start:].decode(errors="replace")
+
+    def tail(self, n: int = 1500) -> str:
+        return bytes(self.out[-n:]).decode(errors="replace")
+
+    def type(self, text: str) -> None:
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)   # its own session (setsid)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.logf.close()
+
+
+def control(path: str, timeout: float = 60.0):
+    from ..control import ControlClient
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ControlClient(path, timeout=30)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
