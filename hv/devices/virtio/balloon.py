@@ -427,6 +427,9 @@ class Balloon(VirtioDevice):
                     "the guest's balloon driver did not negotiate the free page bitmap "
                     f"(feature bit {F_FREE_PAGE_BITMAP}); boot a guest kernel with "
                     "guest-images/patches/0010-virtio-balloon-free-page-bitmap.patch")
+            if self.transport is not None and self.transport.broken:
+                raise BalloonError("the balloon device needs a reset: "
+                                   f"{self.transport.needs_reset_reason}")
             self._bitmap_seq = self._bitmap_seq + 1 if self._bitmap_seq < 0xFFFFFFFF else 1
             cmd_id = self._bitmap_seq
             bm = {"cmd_id": cmd_id, "bits": np.zeros(self.npages, dtype=bool),
