@@ -16,6 +16,11 @@
 #define IOV_MAX 1024
 #endif
 #define HV_IOV_BATCH 1024
+#ifdef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE_ MADV_POPULATE_WRITE
+#else
+#define MADV_POPULATE_WRITE_ 23   /* Linux 5.14 */
+#endif
 
 uint64_t hv_now_ns(void)
 {
@@ -427,6 +432,10 @@ int hv_recv_pages(int fd, uint8_t *mem, size_t mem_size, size_t page_size,
         for (; i < nruns && cnt < HV_IOV_BATCH; i++, cnt++) {
             iov[cnt].iov_base = mem + starts[i] * page_size;
             iov[cnt].iov_len = counts[i] * page_size;
+            /* Fault the destination pages in one call instead of one fault
+             * per page during the copy (fresh guest memory); best effort. */
+            if (iov[cnt].iov_len >= 16 * page_size)
+                madvise(iov[cnt].iov_base, iov[cnt].iov_len, MADV_POPULATE_WRITE_);
         }
         int e = readv_all(fd, iov, cnt, got, timeout_ms);
         if (e)
