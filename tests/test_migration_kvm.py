@@ -173,3 +173,24 @@ def test_cut_connection_then_second_migration(machines):
     while counter(dst) <= c1 + 100:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+def test_three_connections_rate_limited_and_no_balloon(machines):
+    src = machines("src")
+    dst = machines("dst")
+    snaps = {}
+    t0 = time.monotonic()
+    q, res = migrate_once(src, dst, snaps, free_pages="bitmap", verify=True, connections=3,
+                          max_bandwidth_mib=64)
+    assert q["status"] == "completed", q
+    # no balloon on these machines: every page is considered, none skipped as free
+    assert "no virtio-balloon" in q["free_page_info"]["warning"]
+    assert q["pages_skipped_free"] == 0
+    assert (snaps["src"] == snaps["dst"]).all()
+    # ~4+ MiB of data at 64 MiB/s takes a measurable time
+    assert time.monotonic() - t0 > 0.05
+    c0 = snaps["src_counter"]
+    deadline = time.monotonic() + 20
+    while counter(dst) <= c0 + 100:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)

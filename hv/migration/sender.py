@@ -597,8 +597,9 @@ class Migration:
         # Stop-and-copy.
         self._check_cancel()
         pause_t = time.monotonic()
-        self.machine.pause()
-        self._paused_by_us = True
+        if getattr(self.machine, "status", "running") != "paused":
+            self.machine.pause()
+            self._paused_by_us = True   # resumed again if anything fails
         with self._lock:
             self.s.status = "device"
         if p.on_paused is not None:
