@@ -594,8 +594,13 @@ class Migration:
             self._send_set(dirty, rnd)
             self._end_round(rnd, t0)
 
-        # Stop-and-copy.
+        # Stop-and-copy. With hints, let the guest take its hinted blocks back
+        # now (DONE, as QEMU does at completion): the config interrupt and the
+        # balloon's state travel with the machine state, so the guest frees
+        # them on whichever side it then runs; a block it reuses before the
+        # pause is dirty and sent.
         self._check_cancel()
+        self._hint_done()
         pause_t = time.monotonic()
         if getattr(self.machine, "status", "running") != "paused":
             self.machine.pause()
