@@ -275,3 +275,46 @@ def test_cancel_through_commands_and_refused_destination():
     q = cmds.current.wait(10)
     assert q["status"] == "failed" and "cannot connect" in q["error"]
     src.close()
+
+
+class FakeHintBalloon:
+    """Free page hinting: the hints are in before the bulk pass reads them."""
+
+    def __init__(self):
+        self.events = []
+
+    def free_page_hint_start(self):
+        self.events.append("start")
+        return 2
+
+    def free_page_hint_wait(self, timeout_ms):
+        return True
+
+    def hinted_bitmap(self):
+        bits = np.zeros(NPAGES, dtype=bool)
+        bits[FREE] = True
+        return pack_bitmap(bits)
+
+    def free_page_hint_stop(self):
+        self.events.append("stop")
+
+    def free_page_hint_done(self):
+        self.events.append("done")
+
+    def poison_value(self):
+        return None
+
+
+def test_migrate_with_hints():
+    src, dst = FakeSource(), FakeDest()
+    src.balloon = FakeHintBalloon()
+    port, t, res = start_receiver(dst)
+    m = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", free_pages="hint",
+                                       dirty_log="vmm", verify=True, hint_wait_ms=100))
+    m.run()
+    t.join(10)
+    q = m.query()
+    assert q["status"] == "completed", q
+    assert q["pages_skipped_free"] == FREE.stop - FREE.start
+    assert src.balloon.events == ["start", "stop", "done"]
+    check_same(src, dst)
