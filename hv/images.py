@@ -58,7 +58,8 @@ BUSYBOX = "/bin/busybox"
 
 # Base kernel command line for hv guests; the VMM adds virtio_mmio.device=
 # entries, hv_poweroff=PORT and hv.exec=.
-BASE_CMDLINE = ("console=ttyS0 loglevel=4 no_timer_check lpj=1000000 "
+BASE_CMDLINE = ("console=ttyS0 loglevel=4 mitigations=off noxsave nofsgsbase "
+                "clearcpuid=141,151,295,308 no_timer_check lpj=1000000 "
                 "tsc=reliable i8042.noaux i8042.nokbd")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -99,6 +100,33 @@ def decode_exec_arg(value):
 
 def base_cmdline():
     return BASE_CMDLINE
+
+
+# ----------------------------------------------------------- reference QEMU
+
+QEMU = "qemu-system-x86_64"
+POWEROFF_PORT = 0xf4
+
+
+def qemu_argv(mem_mib=64, append="", kernel=None, initrd=None, qemu=QEMU):
+    """QEMU 7.2 microvm command line that boots the guest the way hv does:
+    PVH entry, no ACPI (MP table), serial console on stdio, power-off
+    through isa-debug-exit at POWEROFF_PORT (QEMU then exits with status
+    1)."""
+    if kernel is None or initrd is None:
+        kernel, initrd = paths()
+    cmdline = " ".join(x for x in (BASE_CMDLINE, "hv_poweroff=0x%x"
+                                   % POWEROFF_PORT, append) if x)
+    return [qemu,
+            "-M", "microvm,acpi=off,x-option-roms=off,rtc=off",
+            "-accel", "kvm",
+            "-cpu", "qemu64,-cx16,vendor=GenuineIntel",
+            "-m", str(mem_mib),
+            "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+            "-serial", "stdio",
+            "-device", "isa-debug-exit,iobase=0x%x,iosize=4" % POWEROFF_PORT,
+            "-kernel", kernel, "-initrd", initrd,
+            "-append", cmdline]
 
 
 # ------------------------------------------------------------------ helpers
