@@ -268,15 +268,24 @@ def _tune(sock: socket.socket) -> None:
 
 def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             timeout: float = 60.0, accept_timeout: float | None = None,
-            require_verify: bool = False, log=None) -> Receiver:
+            require_verify: bool = False, log=None, should_stop=None) -> Receiver:
     """Accept a migration on `listener` and drive it to COMPLETE (restore,
     resume, RUNNING). Returns the Receiver; raises MigrationError."""
     log = log or (lambda msg: None)
-    listener.settimeout(accept_timeout)
-    try:
-        conn, peer = listener.accept()
-    except socket.timeout:
-        raise MigrationError("no migration arrived before the accept timeout") from None
+    deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
+    while True:
+        # Short accept timeouts so that a shutdown request ends the wait.
+        left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+        if left <= 0:
+            raise MigrationError(f"no migration arrived within {accept_timeout:g} s")
+        listener.settimeout(left)
+        try:
+            conn, peer = listener.accept()
+            break
+        except socket.timeout:
+            if should_stop is not None and should_stop():
+                raise MigrationError("stopped while waiting for the incoming migration") \
+                    from None
     _tune(conn)
     conn.settimeout(timeout)
     log(f"incoming migration from {peer[0]}:{peer[1]}")
@@ -360,7 +369,8 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
         t0 = time.monotonic()
         rx = receive(machine.memory, listener, machine.restore_state,
                      lambda: _resume_machine(machine), timeout=timeout,
-                     accept_timeout=accept_timeout, require_verify=require_verify, log=log)
+                     accept_timeout=accept_timeout, require_verify=require_verify, log=log,
+                     should_stop=lambda: getattr(machine, "status", None) == "shutdown")
     finally:
         listener.close()
     stats = dict(rx.stats)
