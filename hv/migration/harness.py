@@ -52,8 +52,11 @@ class Guest:
             data = self.proc.stdout.read1(65536)
             if not data:
                 break
-            self.logf.write(data)
-            self.logf.flush()
+            try:
+                self.logf.write(data)
+                self.logf.flush()
+            except ValueError:      # closed by stop()
+                pass
             with self.cond:
                 self.out += data
                 self.cond.notify_all()
@@ -79,6 +82,18 @@ class Guest:
                                        f":\n" + self.tail())
                 self.cond.wait(min(left, 1.0))
             return self.out[start:].decode(errors="replace")
+
+    def wait_line(self, prefix: str, timeout: float, start: int = 0) -> str:
+        """Wait for a whole console line starting with prefix; return it."""
+        text = self.wait_for(prefix, timeout, start)
+        i = text.index(prefix)
+        deadline = time.monotonic() + timeout
+        while "\n" not in text[i:]:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+            text = self.wait_for(prefix, timeout, start)
+        return text[i:].split("\n", 1)[0].strip()
 
     def tail(self, n: int = 1500) -> str:
         return bytes(self.out[-n:]).decode(errors="replace")
