@@ -318,3 +318,22 @@ def test_migrate_with_hints():
     assert q["pages_skipped_free"] == FREE.stop - FREE.start
     assert src.balloon.events == ["start", "stop", "done"]
     check_same(src, dst)
+
+
+def test_destination_restore_failure_resumes_source():
+    src = FakeSource()
+
+    class Broken(FakeDest):
+        def restore_state(self, s):
+            raise ValueError("no such device 'virtio-mmio.7'")
+    dst = Broken()
+    port, t, res = start_receiver(dst)
+    m = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", dirty_log="vmm"))
+    m.run()
+    t.join(10)
+    q = m.query()
+    assert q["status"] == "failed"
+    assert "the destination failed" in q["error"] and "virtio-mmio.7" in q["error"]
+    assert src.status == "running" and not src.shut and not dst.running
+    assert q["downtime_ms"] is None
+    src.close()

@@ -334,6 +334,17 @@ class Migration:
         reason = "migration cancelled" if cancelled else str(e) or type(e).__name__
         if not isinstance(e, MigrationError) and not cancelled:
             reason = f"{type(e).__name__}: {e}"
+        # A send that failed because the destination gave up: its ERROR may
+        # be waiting in the receive buffer, and says why.
+        if self.streams and not cancelled and not isinstance(e, PeerError):
+            try:
+                st0 = self.streams[0]
+                st0.timeout = 0.5
+                msg = st0.recv(self.npages)
+                if isinstance(msg, Control) and msg.command == Command.ERROR:
+                    reason = f"the destination failed: {msg.text}"
+            except Exception:
+                pass
         # Tell the destination (best effort), then close everything.
         if self.streams:
             try:
