@@ -32,6 +32,7 @@ F1_ECX_HIDE = {
     "est": 7, "tm2": 8, "fma": 12, "cx16": 13, "xtpr": 14, "pdcm": 15,
     "pcid": 17, "dca": 18, "sse4_1": 19, "sse4_2": 20, "movbe": 22, "popcnt": 23,
     "aes": 25, "xsave": 26, "osxsave": 27, "avx": 28, "f16c": 29, "rdrand": 30,
+    "tsc_deadline": 24,
 }
 F1_ECX_HYPERVISOR = 31
 # leaf 1 EDX
@@ -82,6 +83,13 @@ HV_CPUID_TIMING = 0x40000010
 KVM_FEATURE_CLOCKSOURCE = 0
 KVM_FEATURE_CLOCKSOURCE2 = 3
 KVM_FEATURE_CLOCKSOURCE_STABLE_BIT = 24
+KVM_FEATURE_NOP_IO_DELAY = 1
+KVM_FEATURE_PV_EOI = 6
+#: The paravirtual features a guest gets: kvmclock and no I/O delays.
+#: Async page faults, steal time, PV EOI, PV TLB flush and the rest are
+#: off: they add guest/host shared state that a migration must carry, and
+#: async page faults break guests on nested KVMs.
+KVM_FEATURES_KEPT = bit(KVM_FEATURE_NOP_IO_DELAY)
 LEAF7_EAX_MAX_SUBLEAF = 0
 
 VENDOR = b"GenuineIntel"
@@ -126,6 +134,7 @@ def guest_cpuid(supported: list[CpuidEntry], vcpu_id: int = 0, nr_vcpus: int = 1
             if e.index != 0:
                 continue
             e.eax = LEAF7_EAX_MAX_SUBLEAF
+            e.ebx = e.ecx = e.edx = 0
             e.ebx &= ~_mask(F7_EBX_HIDE)
             e.ecx &= ~_mask(F7_ECX_HIDE)
             e.edx &= ~_mask(F7_EDX_HIDE)
@@ -140,8 +149,9 @@ def guest_cpuid(supported: list[CpuidEntry], vcpu_id: int = 0, nr_vcpus: int = 1
             have_kvm_leaves = True
             e.eax = max(e.eax, KVM_CPUID_FEATURES if tsc_khz is None else HV_CPUID_TIMING)
         elif f == KVM_CPUID_FEATURES:
-            e.eax |= bit(KVM_FEATURE_CLOCKSOURCE) | bit(KVM_FEATURE_CLOCKSOURCE2) | \
-                bit(KVM_FEATURE_CLOCKSOURCE_STABLE_BIT)
+            e.eax = (e.eax & KVM_FEATURES_KEPT) | bit(KVM_FEATURE_CLOCKSOURCE) | \
+                bit(KVM_FEATURE_CLOCKSOURCE2) | bit(KVM_FEATURE_CLOCKSOURCE_STABLE_BIT)
+            e.edx = 0
         out.append(e)
     if not have_kvm_leaves:
         ebx, ecx, edx = struct.unpack("<III", b"KVMKVMKVM\0\0\0")
@@ -156,6 +166,65 @@ def guest_cpuid(supported: list[CpuidEntry], vcpu_id: int = 0, nr_vcpus: int = 1
             if e.function == KVM_CPUID_SIGNATURE:
                 e.eax = max(e.eax, HV_CPUID_TIMING)
     return out
+
+
+# Linux's cpufeature words for the CPUID registers hv filters
+# (arch/x86/include/asm/cpufeatures.h): X86_FEATURE_x = word * 32 + bit.
+LINUX_FEATURE_WORDS = {(1, 0, "ecx"): 4, (1, 0, "edx"): 0, (7, 0, "ebx"): 9,
+                       (7, 0, "ecx"): 16, (7, 0, "edx"): 18,
+                       (0x80000001, 0, "ecx"): 6, (0x80000001, 0, "edx"): 1}
+XSAVE_BIT = 26
+#: X86_FEATURE numbers of what Linux's own code uses and the emulator of the
+#: nested KVM cannot run: cx16, pcid, popcnt, rdrand, fsgsbase, smep, invpcid,
+#: rdseed, smap, rdpid.
+CLEARCPUID_KERNEL = {141, 145, 151, 158, 288, 295, 298, 306, 308, 534}
+
+
+def kernel_workarounds(wanted: list[CpuidEntry], actual: list[CpuidEntry]) -> list[str]:
+    """Kernel command line words that hide from Linux the features its own
+    code would use although hv's CPUID cleared them.
+
+    Some KVMs force bits into the guest's CPUID (on the nested KVM of hv's CI,
+    leaf 1 ECX keeps SSE3..AVX, XSAVE, POPCNT and RDRAND whatever
+    KVM_SET_CPUID2 says, as guest user mode runs on the real CPU). For the
+    few features the kernel itself uses (CLEARCPUID_KERNEL) hv asks Linux not
+    to: `noxsave` and `clearcpuid=N,...` (N = X86_FEATURE number). Clearing
+    more (SSE and friends) changes code paths for nothing and is avoided.
+    """
+    words: list[str] = []
+    clear: list[int] = []
+    for (fn, idx, reg), word in LINUX_FEATURE_WORDS.items():
+        w, a = lookup(wanted, fn, idx), lookup(actual, fn, idx)
+        if w is None or a is None:
+            continue
+        forced = getattr(a, reg) & ~getattr(w, reg)
+        if (fn, reg) == (1, "ecx") and forced & bit(XSAVE_BIT):
+            words.append("noxsave")
+        for b in range(32):
+            if forced & bit(b) and word * 32 + b in CLEARCPUID_KERNEL:
+                clear.append(word * 32 + b)
+    if clear:
+        words.append("clearcpuid=" + ",".join(str(n) for n in sorted(clear)))
+    return words
+
+
+def merge_cmdline(cmdline: str, extra: list[str]) -> str:
+    """Add extra words to cmdline; clearcpuid= lists are merged into one (Linux
+    reads a single clearcpuid=) and words already present are skipped."""
+    words = cmdline.split()
+    for w in extra:
+        if w.startswith("clearcpuid="):
+            nums = w.split("=", 1)[1].split(",")
+            for i, old in enumerate(words):
+                if old.startswith("clearcpuid="):
+                    have = old.split("=", 1)[1].split(",")
+                    words[i] = "clearcpuid=" + ",".join(have + [n for n in nums if n not in have])
+                    break
+            else:
+                words.append(w)
+        elif w not in words:
+            words.append(w)
+    return " ".join(words)
 
 
 def lookup(entries: list[CpuidEntry], function: int, index: int = 0) -> CpuidEntry | None:

@@ -144,9 +144,13 @@ class Machine:
             self.vm.enable_dirty_ring(config.dirty_ring_bytes)
         self.supported_cpuid = self.kvm.supported_cpuid()
         self.vcpus: list[K.Vcpu] = []
+        self.cpuid_workarounds: list[str] = []
         for i in range(config.vcpus):
             v = self.vm.create_vcpu(i)
-            v.set_cpuid2(cpumod.guest_cpuid(self.supported_cpuid, i, config.vcpus))
+            wanted = cpumod.guest_cpuid(self.supported_cpuid, i, config.vcpus)
+            v.set_cpuid2(wanted)
+            if i == 0:
+                self.cpuid_workarounds = cpumod.kernel_workarounds(wanted, v.get_cpuid2())
             self._set_lint(v)
             self.vcpus.append(v)
         self.has_xcrs = bool(self.kvm.check_extension(lib.KVM_CAP_XCRS))
@@ -273,7 +277,8 @@ class Machine:
     # -- boot -------------------------------------------------------------------------------
     def kernel_cmdline(self) -> str:
         c = bootmod.Cmdline()
-        c.add(self.config.cmdline if self.config.cmdline is not None else base_cmdline())
+        base = self.config.cmdline if self.config.cmdline is not None else base_cmdline()
+        c.add(cpumod.merge_cmdline(base, self.cpuid_workarounds))
         for entry in self._virtio_cmdline:
             c.add(entry)
         if self.config.append:
