@@ -6,6 +6,8 @@
  *   "memmap: N\n" with N = start_info->memmap_entries (one digit),
  *   "modules: N\n" with N = start_info->nr_modules,
  * then writes 0 to port 0xf4 (hv's power-off port) and halts.
+ * Built with --defsym IDLE=1 (pvh-idle.elf) it prints "idle\n" instead of
+ * powering off and halts forever (interrupts stay disabled).
  */
         .code32
         .section .text
@@ -34,6 +36,11 @@ _start:
         call puts
         mov 12(%ebp), %eax          /* nr_modules */
         call putdigit
+.ifdef IDLE
+        mov $msg_idle, %esi         /* pvh-idle.elf: say so and wait forever */
+        call puts
+        jmp 3f
+.endif
         mov $0xf4, %dx
         xor %al, %al
         out %al, (%dx)
@@ -65,6 +72,7 @@ msg_cmd: .asciz "cmdline: "
 msg_nl:  .asciz "\n"
 msg_mm:  .asciz "memmap: "
 msg_mod: .asciz "modules: "
+msg_idle: .asciz "idle\n"
 
         .section .note.Xen, "a", @note
         .align 4
