@@ -215,7 +215,8 @@ def _cpuid_list(c) -> list[CpuidEntry]:
 class Kvm:
     """The /dev/kvm system fd."""
 
-    def __init__(self, path: str = KVM_PATH):
+    def __init__(self, path: str | None = None):
+        path = path or KVM_PATH
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -1,0 +1,222 @@
+"""hv.machine with the tiny PVH guests and with the shared Linux guest."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from conftest import Console
+from hv import control
+from hv import kvm as K
+from hv.machine import Machine, MachineConfig, MachineError
+
+pytestmark = pytest.mark.kvm
+
+GUESTS = os.path.join(os.path.dirname(__file__), "guests")
+PVH = os.path.join(GUESTS, "pvh.elf")
+PVH_IDLE = os.path.join(GUESTS, "pvh-idle.elf")
+
+
+def tiny(kernel=PVH, mem_mib=16, **kw):
+    console = Console()
+    m = Machine(MachineConfig(mem_mib=mem_mib, kernel=kernel, **kw))
+    m.console_listeners.append(console)
+    return m, console
+
+
+def plain(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(plain(v) for v in value)
+    return isinstance(value, (int, bytes, str, float, bool)) or value is None
+
+
+def test_pvh_guest_runs_and_powers_off():
+    m, console = tiny(append="hello=world")
+    r = m.boot()
+    assert r.protocol == "pvh"
+    assert m.status == "prelaunch"
+    m.start()
+    assert m.wait(20) == "poweroff"
+    assert m.status == "shutdown"
+    text = console.text
+    assert "pvh: magic ok" in text
+    assert "hello=world" in text and "hv_poweroff=0xf4" in text
+    assert "memmap: 3" in text
+    assert m.exit_counts["IoOut"] > 10
+    assert m.error is None
+    m.close()
+
+
+def test_memory_limits():
+    with pytest.raises(MachineError, match="out of range"):
+        Machine(MachineConfig(mem_mib=4, kernel=PVH))
+    with pytest.raises(MachineError, match="out of range"):
+        Machine(MachineConfig(mem_mib=4096, kernel=PVH))
+
+
+def test_pause_resume_save_restore_idle_guest():
+    m, console = tiny(PVH_IDLE)
+    m.boot()
+    m.start()
+    console.wait_for("idle\n", 20)
+    assert m.status == "running"
+    m.pause()
+    assert m.status == "paused"
+    state = m.save_state()
+    assert plain(state)
+    assert set(state) >= {"vcpus", "irqchip", "pit", "clock", "devices"}
+    v = state["vcpus"][0]
+    assert set(v) >= {"regs", "sregs", "fpu", "msrs", "lapic", "events", "mp_state"}
+    msrs = dict(v["msrs"])
+    assert 0x10 in msrs                      # TSC
+    assert "serial0" in state["devices"]
+
+    # a second machine restored from that state and a copy of RAM
+    m2, console2 = tiny(PVH_IDLE)
+    m2.memory.view[:] = m.memory.view
+    m2.restore_state(state)
+    s2 = m2.save_state()
+    assert s2["vcpus"][0]["regs"] == v["regs"]
+    assert s2["vcpus"][0]["sregs"]["cr0"] == v["sregs"]["cr0"]
+    assert s2["devices"]["serial0"] == state["devices"]["serial0"]
+    m2.start()
+    time.sleep(0.2)
+    assert m2.status == "running"
+    m2.stop()
+    assert m2.wait(5) == "quit"
+    m2.close()
+
+    m.resume()
+    assert m.status == "running"
+    m.pause()
+    m.resume()
+    assert m.commands["query-status"]({}) == {"status": "running", "running": True}
+    m.commands["stop"]({})
+    assert m.commands["query-status"]({})["status"] == "paused"
+    m.commands["cont"]({})
+    assert m.status == "running"
+    m.commands["quit"]({})
+    assert m.wait(10) == "quit"
+    with pytest.raises(MachineError):
+        m.resume()
+    m.close()
+
+
+def test_save_requires_pause():
+    m, console = tiny(PVH_IDLE)
+    m.boot()
+    m.start()
+    console.wait_for("idle\n", 20)
+    with pytest.raises(MachineError, match="pause"):
+        m.save_state()
+    m.stop()
+    m.close()
+
+
+def test_triple_fault_ends_the_run():
+    m, console = tiny()
+    r = m.boot()
+    m.memory.write(r.entry, b"\x0f\x0b")     # ud2 with an empty IDT
+    m.start()
+    assert m.wait(20) == "reboot"
+    m.close()
+
+
+def test_balloon_and_virtio_window():
+    m, console = tiny(balloon=True)
+    if m.balloon is None:
+        pytest.skip("virtio-balloon not available")
+    assert "virtio_mmio.device=4K@0xd0000000:5" in m.kernel_cmdline()
+    hit = m.mmio.find(0xd0000000)
+    assert hit is not None and hit[1] == 0
+    assert m.mmio.read(0xd0000000, 4) == b"virt"
+    m.close()
+
+
+def test_internal_error_report_names_registers():
+    m, console = tiny()
+    m.boot()
+    v = m.vcpus[0]
+    text = m.describe_failure(v, K.InternalError(1, [1, 2]))
+    assert "rip=0x100000" in text and "emulation failure" in text
+    assert "code at rip" in text
+    m.close()
+
+
+# -- the shared Linux guest -------------------------------------------------------
+
+linux = pytest.mark.linux
+
+
+def shell(guest, command: str, expect: str, timeout: float = 60) -> str:
+    mark = guest.console.mark()
+    guest.serial.enqueue(command.encode() + b"\n")
+    return guest.console.wait_for(expect, timeout, mark)
+
+
+@linux
+def test_linux_boots_to_ready(linux_guest):
+    assert linux_guest.status == "running"
+    assert "hv-guest: ready" in linux_guest.console.text
+    assert linux_guest.error is None
+
+
+@linux
+def test_linux_shell_answers(linux_guest):
+    shell(linux_guest, "echo answer-$((6*7))", "answer-42")
+
+
+@linux
+def test_linux_pause_resume(linux_guest):
+    linux_guest.pause()
+    assert linux_guest.status == "paused"
+    state = linux_guest.save_state()
+    assert plain(state)
+    mark = linux_guest.console.mark()
+    linux_guest.serial.enqueue(b"echo after-$((2+3))\n")
+    time.sleep(0.5)
+    assert "after-5" not in linux_guest.console.text[mark:]
+    linux_guest.resume()
+    linux_guest.console.wait_for("after-5", 60, mark)
+
+
+@linux
+def test_linux_control_socket(linux_guest, tmp_path):
+    path = str(tmp_path / "hv.sock")
+    with control.ControlServer(path, linux_guest.commands), control.ControlClient(path) as c:
+        assert c.execute("query-status") == {"status": "running", "running": True}
+        assert c.execute("stop") == {}
+        assert c.execute("query-status")["status"] == "paused"
+        assert c.execute("cont") == {}
+        assert c.execute("query-status")["status"] == "running"
+        with pytest.raises(control.ControlError, match="no-such"):
+            c.execute("no-such")
+    shell(linux_guest, "echo still-$((1+1))", "still-2")
+
+
+@linux
+def test_linux_state_restores_into_new_machine(linux_guest, linux_images):
+    kernel, initrd = linux_images
+    linux_guest.pause()
+    try:
+        state = linux_guest.save_state()
+        console = Console()
+        m2 = Machine(MachineConfig(mem_mib=64, kernel=kernel, initrd=initrd))
+        m2.console_listeners.append(console)
+        m2.memory.view[:] = linux_guest.memory.view
+        m2.restore_state(state)
+    finally:
+        linux_guest.resume()
+    try:
+        m2.start()
+        m2.serial.enqueue(b"echo restored-$((40+2))\n")
+        console.wait_for("restored-42", 60)
+        assert m2.error is None
+    finally:
+        m2.stop()
+        m2.close()
+    shell(linux_guest, "echo original-$((1+2))", "original-3")
