@@ -1,0 +1,112 @@
+"""run-guest end to end (subprocesses) and its error handling."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from hv import cli, control
+
+GUESTS = os.path.join(os.path.dirname(__file__), "guests")
+PVH = os.path.join(GUESTS, "pvh.elf")
+PVH_IDLE = os.path.join(GUESTS, "pvh-idle.elf")
+
+
+def run_guest(*args, timeout=60, **kw):
+    return subprocess.run([sys.executable, "-m", "hv", *args], capture_output=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, **kw)
+
+
+def test_parser_has_the_options():
+    p = cli.build_parser()
+    a = p.parse_args(["--kernel", "k", "--mem", "64", "--exec", "true", "--balloon",
+                      "--control", "/tmp/x", "--verbose", "--append", "a=b"])
+    assert (a.kernel, a.mem, a.exec_cmd, a.balloon, a.control, a.verbose, a.append) == (
+        "k", 64, "true", True, "/tmp/x", True, "a=b")
+    assert p.parse_args([]).mem == 128
+
+
+def test_extension_hook(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli, "_extensions", [])
+    cli.register_extension(lambda p: p.add_argument("--incoming"),
+                           lambda args, m: calls.append(args.incoming) or False)
+    a = cli.build_parser().parse_args(["--incoming", "tcp:1.2.3.4:5"])
+    assert a.incoming == "tcp:1.2.3.4:5"
+
+
+def test_no_kvm_is_a_usage_error(monkeypatch, capsys):
+    import hv.kvm
+    monkeypatch.setattr(hv.kvm, "KVM_PATH", "/dev/no-kvm-here")
+    rc = cli.main(["--kernel", PVH, "--initrd", ""])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "not found: load the kvm module" in err and "Traceback" not in err
+
+
+@pytest.mark.kvm
+def test_bad_kernel_and_memory():
+    r = run_guest("--kernel", os.path.join(GUESTS, "pm32.bin"), "--initrd", "")
+    assert r.returncode == 2
+    assert b"not a kernel image" in r.stderr and b"Traceback" not in r.stderr
+    r = run_guest("--kernel", PVH, "--initrd", "", "--mem", "4")
+    assert r.returncode == 2 and b"MiB" in r.stderr
+    r = run_guest("--kernel", "/no/such/kernel", "--initrd", "")
+    assert r.returncode == 2 and b"not found" in r.stderr
+
+
+@pytest.mark.kvm
+def test_tiny_guest_output_and_verbose():
+    r = run_guest("--kernel", PVH, "--initrd", "", "--mem", "16", "--verbose",
+                  "--append", "from=test")
+    assert r.returncode == 0, r.stderr
+    assert b"pvh: magic ok" in r.stdout and b"from=test" in r.stdout
+    assert b"vCPU exits: IoOut" in r.stderr
+    assert b"guest ended (poweroff)" in r.stderr
+
+
+@pytest.mark.kvm
+def test_control_socket_commands(tmp_path):
+    path = str(tmp_path / "ctl.sock")
+    p = subprocess.Popen([sys.executable, "-m", "hv", "--kernel", PVH_IDLE, "--initrd", "",
+                          "--mem", "16", "--control", path],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(path):
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        with control.ControlClient(path) as c:
+            assert c.execute("query-status")["status"] in ("running", "prelaunch")
+            c.execute("stop")
+            assert c.execute("query-status") == {"status": "paused", "running": False}
+            c.execute("cont")
+            assert c.execute("query-status")["status"] == "running"
+            time.sleep(1)                      # let the guest finish printing
+            resp = c.request("bogus-command")
+            assert resp["error"]["class"] == "CommandNotFound"
+            assert "bogus-command" in resp["error"]["desc"]
+            c.execute("quit")
+        assert p.wait(20) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert b"idle" in p.stdout.read()
+
+
+@pytest.mark.kvm
+@pytest.mark.linux
+def test_exec_prints_and_returns_status(linux_images):
+    kernel, initrd = linux_images
+    r = run_guest("--kernel", kernel, "--initrd", initrd, "--mem", "64",
+                  "--exec", "echo hi; exit 7", timeout=400)
+    assert r.returncode == 7, r.stderr[-2000:]
+    lines = r.stdout.decode(errors="replace").splitlines()
+    assert "hi" in [l.strip() for l in lines]
+    assert b"Traceback" not in r.stderr
