@@ -67,6 +67,9 @@ class MigrationParams:
     hint_wait_ms: int = 0               # let hints arrive before the bulk pass
     progress: bool = False              # a status line on stderr
     shutdown_source: bool = True        # stop the source machine when completed
+    linger_ms: int = 0                  # ... after someone read the final statistics
+                                        # (query-migrate) or this long at most
+                                        # (the migrate command: 3000)
     on_paused: object = None            # callback(machine) right after the pause (tests, --verify)
 
     @classmethod
@@ -78,6 +81,7 @@ class MigrationParams:
         if unknown:
             raise MigrationError(f"migrate: unknown arguments {sorted(unknown)}; known: "
                                  f"{sorted(known)}")
+        args.setdefault("linger_ms", 3000)
         p = cls(**args)
         if p.free_pages not in ("bitmap", "hint", "off"):
             raise MigrationError(f'free_pages must be "bitmap", "hint" or "off", not '
@@ -267,6 +271,7 @@ class Migration:
         self.thread: threading.Thread | None = None
         self._cancel = threading.Event()
         self._done = threading.Event()
+        self._queried_final = threading.Event()
         self._t0 = None
         self._paused_by_us = False
         self._lock = threading.Lock()
@@ -303,6 +308,8 @@ class Migration:
         with self._lock:
             d = dict(self.s.__dict__)
             d["rounds"] = [dict(r) for r in self.s.rounds]
+            if self.s.status in ("completed", "failed", "cancelled"):
+                self._queried_final.set()
         if self._t0 is not None and not self._done.is_set():
             d["total_time_ms"] = round((time.monotonic() - self._t0) * 1000, 3)
         return d
@@ -661,6 +668,9 @@ class Migration:
             self.s.status = "completed"
         self._paused_by_us = False
         if p.shutdown_source:
+            # The vCPUs stay paused; give a client polling query-migrate the
+            # chance to read the final statistics before this process ends.
+            self._queried_final.wait(p.linger_ms / 1000)
             stop_machine(self.machine)
 
     # -- progress -------------------------------------------------------------
