@@ -230,6 +230,7 @@ def test_build_is_idempotent(built_images):
 GUEST_SCRIPT = r"""
 echo "a  b" 'c'
 hvmem fill 8 --free
+: > /tmp/h
 hvmem hold 4 > /tmp/h &
 p=$!
 until read -r l < /tmp/h && [ -n "$l" ]; do :; done
