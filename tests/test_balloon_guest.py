@@ -41,10 +41,23 @@ class Guest:
         self.m.boot()
         self.m.start()
         try:
-            self.console.wait_for("hv-guest: ready", timeout=400)
+            self.wait_console("hv-guest: ready", timeout=600)
         except Exception:
             self.close()
             raise
+
+    def wait_console(self, needle: str, timeout: float, start: int = 0) -> str:
+        """Console.wait_for that fails at once when the guest stops running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.console.wait_for(needle, min(5.0, deadline - time.monotonic()),
+                                             start)
+            except TimeoutError:
+                if self.m.status == "shutdown" or time.monotonic() >= deadline:
+                    tail = self.console.text[-1500:]
+                    raise TimeoutError(f"{needle!r} not seen (guest {self.m.status}); "
+                                       f"console tail:\n{tail}") from None
 
     def run(self, cmd: str, timeout: float = 180) -> str:
         """Type cmd into the guest's shell; return what it printed."""
@@ -58,7 +71,7 @@ class Guest:
             line = line[taken:]
             if line:
                 time.sleep(0.05)
-        text = self.console.wait_for(f"{tag}=", timeout, start)
+        text = self.wait_console(f"{tag}=", timeout, start)
         return text[:text.rindex(f"{tag}=")]
 
     def meminfo(self) -> dict[str, int]:
