@@ -203,9 +203,8 @@ def run(args) -> int:
                 prepared = True
         if not prepared:
             m.boot()
-        if m.status not in ("running", "shutdown"):
-            if m.status != "paused":
-                m.start()
+        if not m.started and m.status != "shutdown":
+            m.start()
         if args.exec_cmd is None:
             term = Terminal(m)
         try:

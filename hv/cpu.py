@@ -32,7 +32,6 @@ F1_ECX_HIDE = {
     "est": 7, "tm2": 8, "fma": 12, "cx16": 13, "xtpr": 14, "pdcm": 15,
     "pcid": 17, "dca": 18, "sse4_1": 19, "sse4_2": 20, "movbe": 22, "popcnt": 23,
     "aes": 25, "xsave": 26, "osxsave": 27, "avx": 28, "f16c": 29, "rdrand": 30,
-    "tsc_deadline": 24,
 }
 F1_ECX_HYPERVISOR = 31
 # leaf 1 EDX
@@ -134,7 +133,6 @@ def guest_cpuid(supported: list[CpuidEntry], vcpu_id: int = 0, nr_vcpus: int = 1
             if e.index != 0:
                 continue
             e.eax = LEAF7_EAX_MAX_SUBLEAF
-            e.ebx = e.ecx = e.edx = 0
             e.ebx &= ~_mask(F7_EBX_HIDE)
             e.ecx &= ~_mask(F7_ECX_HIDE)
             e.edx &= ~_mask(F7_EDX_HIDE)

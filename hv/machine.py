@@ -311,6 +311,11 @@ class Machine:
             self._status = value
             self._cond.notify_all()
 
+    @property
+    def started(self) -> bool:
+        """Whether start() has run (the vCPU threads exist)."""
+        return bool(self._threads)
+
     def start(self) -> None:
         """Run the vCPU thread(s)."""
         with self._cond:
