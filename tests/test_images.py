@@ -43,8 +43,9 @@ def host_init(tmp_path_factory):
     if not shutil.which("gcc"):
         pytest.skip("gcc not installed")
     exe = str(tmp_path_factory.mktemp("init") / "init")
-    subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-o", exe,
-                    os.path.join(images.SRC, "tools", "init.c")], check=True)
+    subprocess.run(["gcc"] + images.TOOL_CFLAGS +
+                   ["-o", exe, os.path.join(images.SRC, "tools", "init.c")],
+                   check=True)
     return exe
 
 

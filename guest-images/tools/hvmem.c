@@ -11,18 +11,10 @@
  *   hvmem dirty MIB RATE     fill, then rewrite RATE pages per second of
  *                            the region until killed
  *
- * Every output line is flushed at once (the console is the only channel).
+ * Every output line is written at once (the console is the only channel).
+ * Built with hvrt.h (no C library) to keep the initramfs small.
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/mman.h>
-#include <time.h>
-#include <unistd.h>
+#include "hvrt.h"
 
 #define MIB (1024UL * 1024UL)
 #define PAGE 4096UL
@@ -34,45 +26,47 @@ static inline uint64_t pattern(uint64_t i, uint64_t gen)
 	return (i + 1 + gen * 0x100000001ULL) * GOLDEN;
 }
 
-static void out(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
-#include <stdarg.h>
-static void out(const char *fmt, ...)
+static __attribute__((noreturn)) void usage(void)
 {
-	va_list ap;
-
-	va_start(ap, fmt);
-	vprintf(fmt, ap);
-	va_end(ap);
-	fflush(stdout);
-}
-
-static void usage(void)
-{
-	fprintf(stderr, "usage: hvmem fill MIB [--free] | hvmem hold MIB | "
+	put_str(2, "usage: hvmem fill MIB [--free] | hvmem hold MIB | "
 		"hvmem dirty MIB RATE\n");
-	exit(2);
+	sys_exit(2);
 }
 
 static unsigned long number(const char *s)
 {
-	char *end;
-	unsigned long v;
+	unsigned long v = 0;
 
-	errno = 0;
-	v = strtoul(s, &end, 10);
-	if (errno || end == s || *end || v == 0)
+	if (!*s)
+		usage();
+	for (; *s; s++) {
+		if (*s < '0' || *s > '9' || v > (1UL << 40))
+			usage();
+		v = v * 10 + (unsigned long)(*s - '0');
+	}
+	if (v == 0)
 		usage();
 	return v;
 }
 
+static void say_mib(const char *a, unsigned long mib, const char *b)
+{
+	struct line l = { .len = 0 };
+
+	l_str(&l, a);
+	l_udec(&l, mib);
+	l_str(&l, b);
+	l_flush(&l, 1);
+}
+
 static uint64_t *map_region(unsigned long mib)
 {
-	void *p = mmap(NULL, mib * MIB, PROT_READ | PROT_WRITE,
-		       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	void *p = sys_mmap(NULL, mib * MIB, PROT_READ | PROT_WRITE,
+			   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
 
-	if (p == MAP_FAILED) {
-		out("hvmem: mmap %lu MiB failed: %s\n", mib, strerror(errno));
-		exit(1);
+	if (IS_ERR_RET(p)) {
+		say_mib("hvmem: mmap of ", mib, " MiB failed\n");
+		sys_exit(1);
 	}
 	return p;
 }
@@ -95,7 +89,7 @@ static uint64_t checksum(const uint64_t *w, size_t words)
 	return h;
 }
 
-static volatile sig_atomic_t verify_request;
+static volatile int verify_request;
 
 static void on_usr1(int sig)
 {
@@ -118,17 +112,17 @@ static void verify(const uint64_t *w, size_t words)
 				diff >>= 8;
 				off++;
 			}
-			out("hvmem: verify FAILED at offset %zu\n", off);
+			say_mib("hvmem: verify FAILED at offset ", off, "\n");
 			return;
 		}
 	}
-	out("hvmem: verify ok\n");
+	put_str(1, "hvmem: verify ok\n");
 }
 
-static void wait_forever(void)
+static __attribute__((noreturn)) void wait_forever(void)
 {
 	for (;;)
-		pause();
+		sys_pause();
 }
 
 static int cmd_fill(unsigned long mib, int do_free)
@@ -136,77 +130,95 @@ static int cmd_fill(unsigned long mib, int do_free)
 	uint64_t *w = map_region(mib);
 
 	fill(w, mib * MIB / 8);
-	out("hvmem: filled %lu MiB\n", mib);
+	say_mib("hvmem: filled ", mib, " MiB\n");
 	if (do_free) {
-		munmap(w, mib * MIB);
-		out("hvmem: freed\n");
+		sys_munmap(w, mib * MIB);
+		put_str(1, "hvmem: freed\n");
 		return 0;
 	}
 	wait_forever();
-	return 0;
 }
 
 static __attribute__((noreturn)) void cmd_hold(unsigned long mib)
 {
 	size_t words = mib * MIB / 8;
 	uint64_t *w = map_region(mib);
-	struct sigaction sa;
+	struct line l = { .len = 0 };
 	int stdin_open = 1;
 	char line[256];
 	size_t have = 0;
 
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_usr1;	/* no SA_RESTART: interrupts read() */
-	sigaction(SIGUSR1, &sa, NULL);
+	/* Before the fill, so an early signal is not fatal; no SA_RESTART:
+	 * the signal interrupts read(). */
+	sys_signal(SIGUSR1, on_usr1, 0);
 
 	fill(w, words);
-	out("hvmem: hold %lu MiB checksum=%016llx\n", mib,
-	    (unsigned long long)checksum(w, words));
+	l_str(&l, "hvmem: hold ");
+	l_udec(&l, mib);
+	l_str(&l, " MiB checksum=");
+	l_hex16(&l, checksum(w, words));
+	l_str(&l, "\n");
+	l_flush(&l, 1);
 	for (;;) {
+		ssize_t n;
+		size_t i, startl;
+
 		if (verify_request) {
 			verify_request = 0;
 			verify(w, words);
 			continue;
 		}
 		if (!stdin_open) {
-			pause();
+			sys_pause();
 			continue;
 		}
-		ssize_t n = read(0, line + have, sizeof(line) - 1 - have);
-
-		if (n < 0 && errno == EINTR)
+		n = sys_read(0, line + have, sizeof(line) - have);
+		if (n == -HV_EINTR)
 			continue;
 		if (n <= 0) {
 			stdin_open = 0;
 			continue;
 		}
 		have += (size_t)n;
-		line[have] = '\0';
-		char *nl;
+		/* Handle complete lines; keep a partial one. */
+		startl = 0;
+		for (i = 0; i < have; i++) {
+			if (line[i] != '\n')
+				continue;
+			size_t len = i - startl;
 
-		while ((nl = strchr(line, '\n'))) {
-			*nl = '\0';
-			if (!strcmp(line, "verify") || !strcmp(line, "verify\r"))
+			if (len && line[startl + len - 1] == '\r')
+				len--;
+			if (len == 6 && !memcmp(line + startl, "verify", 6))
 				verify(w, words);
-			memmove(line, nl + 1, strlen(nl + 1) + 1);
-			have = strlen(line);
+			startl = i + 1;
 		}
-		if (have >= sizeof(line) - 1)
+		memmove(line, line + startl, have - startl);
+		have -= startl;
+		if (have == sizeof(line))
 			have = 0;	/* overlong line: drop it */
 	}
 }
 
-static __attribute__((noreturn)) void cmd_dirty(unsigned long mib, unsigned long rate)
+static __attribute__((noreturn)) void cmd_dirty(unsigned long mib,
+						unsigned long rate)
 {
 	size_t words = mib * MIB / 8, pages = mib * MIB / PAGE, next = 0;
 	uint64_t *w = map_region(mib), gen = 1;
 	struct timespec t;
+	struct line l = { .len = 0 };
 	/* Work in 10 ms ticks; carry the fraction so the rate is exact. */
-	unsigned long tick_ns = 10 * 1000 * 1000, acc = 0;
+	long tick_ns = 10 * 1000 * 1000;
+	unsigned long acc = 0;
 
 	fill(w, words);
-	out("hvmem: dirtying %lu MiB at %lu pages/s\n", mib, rate);
-	clock_gettime(CLOCK_MONOTONIC, &t);
+	l_str(&l, "hvmem: dirtying ");
+	l_udec(&l, mib);
+	l_str(&l, " MiB at ");
+	l_udec(&l, rate);
+	l_str(&l, " pages/s\n");
+	l_flush(&l, 1);
+	sys_clock_gettime(CLOCK_MONOTONIC, &t);
 	for (;;) {
 		unsigned long n;
 
@@ -224,32 +236,32 @@ static __attribute__((noreturn)) void cmd_dirty(unsigned long mib, unsigned long
 				gen++;
 			}
 		}
-		t.tv_nsec += (long)tick_ns;
+		t.tv_nsec += tick_ns;
 		if (t.tv_nsec >= 1000000000L) {
 			t.tv_nsec -= 1000000000L;
 			t.tv_sec++;
 		}
-		while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &t,
-				       NULL) == EINTR)
+		while (sys_clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME,
+					   &t) == -HV_EINTR)
 			;
 	}
 }
 
-int main(int argc, char **argv)
+int main(int argc, char **argv, char **envp)
 {
+	(void)envp;
 	if (argc < 3)
 		usage();
-	if (!strcmp(argv[1], "fill")) {
+	if (!hv_strcmp(argv[1], "fill")) {
 		if (argc == 3)
 			return cmd_fill(number(argv[2]), 0);
-		if (argc == 4 && !strcmp(argv[3], "--free"))
+		if (argc == 4 && !hv_strcmp(argv[3], "--free"))
 			return cmd_fill(number(argv[2]), 1);
 		usage();
 	}
-	if (!strcmp(argv[1], "hold") && argc == 3)
+	if (!hv_strcmp(argv[1], "hold") && argc == 3)
 		cmd_hold(number(argv[2]));
-	if (!strcmp(argv[1], "dirty") && argc == 4)
+	if (!hv_strcmp(argv[1], "dirty") && argc == 4)
 		cmd_dirty(number(argv[2]), number(argv[3]));
 	usage();
-	return 2;
 }

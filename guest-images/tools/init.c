@@ -13,34 +13,24 @@
  * busybox's poweroff/reboot/halt signal init (SIGUSR2/SIGTERM/SIGUSR1);
  * init honours them.
  *
+ * Built with hvrt.h (no C library) to keep the initramfs small.
+ *
  * Host-side checks (not as PID 1):
  *   init --decode B64          print the decoded command
  *   init --parse-cmdline LINE  print the command hv.exec= in LINE decodes to
  */
-#define _GNU_SOURCE
-#include <errno.h>
-#include <fcntl.h>
-#include <signal.h>
-#include <spawn.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mount.h>
-#include <sys/reboot.h>
-#include <sys/stat.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <unistd.h>
+#include "hvrt.h"
 
-extern char **environ;
+static char **environ_;
 
-static void say(const char *fmt, const char *arg)
+static void say(const char *a, const char *b, const char *c)
 {
-	char buf[512];
-	int n = snprintf(buf, sizeof(buf), fmt, arg);
-	if (n > 0)
-		(void)!write(1, buf, n < (int)sizeof(buf) ? n : (int)sizeof(buf) - 1);
+	struct line l = { .len = 0 };
+
+	l_str(&l, a);
+	l_str(&l, b);
+	l_str(&l, c);
+	l_flush(&l, 1);
 }
 
 static int b64val(unsigned char c)
@@ -58,19 +48,21 @@ static int b64val(unsigned char c)
 	return -1;
 }
 
+static char decoded[4096];
+
 /*
- * Decodes standard base64 (padding optional) of length len into a new
- * NUL-terminated string; NULL when the input is not base64 or decodes to
- * a NUL byte.
+ * Decodes standard base64 (padding optional) of length len into a static
+ * NUL-terminated buffer; NULL when the input is not base64, decodes to a
+ * NUL byte or is too long.
  */
 static char *b64decode(const char *in, size_t len)
 {
-	char *out = malloc(len / 4 * 3 + 4), *o = out;
+	char *o = decoded;
 	unsigned int acc = 0;
 	int bits = 0;
 	size_t i, pad = 0;
 
-	if (!out)
+	if (len / 4 * 3 + 3 >= sizeof(decoded))
 		return NULL;
 	for (i = 0; i < len; i++) {
 		int v;
@@ -80,27 +72,24 @@ static char *b64decode(const char *in, size_t len)
 			continue;
 		}
 		if (pad)
-			goto bad;	/* data after padding */
+			return NULL;	/* data after padding */
 		v = b64val((unsigned char)in[i]);
 		if (v < 0)
-			goto bad;
+			return NULL;
 		acc = (acc << 6) | (unsigned int)v;
 		bits += 6;
 		if (bits >= 8) {
 			bits -= 8;
 			*o = (char)((acc >> bits) & 0xff);
 			if (*o == '\0')
-				goto bad;
+				return NULL;
 			o++;
 		}
 	}
 	if (pad > 2 || bits >= 6)
-		goto bad;
+		return NULL;
 	*o = '\0';
-	return out;
-bad:
-	free(out);
-	return NULL;
+	return decoded;
 }
 
 /*
@@ -122,7 +111,7 @@ static char *exec_from_cmdline(const char *line, int *found)
 		end = p;
 		while (*end && *end != ' ' && *end != '\t' && *end != '\n')
 			end++;
-		if ((size_t)(end - p) >= klen && !strncmp(p, key, klen)) {
+		if ((size_t)(end - p) >= klen && !hv_strncmp(p, key, klen)) {
 			*found = 1;
 			return b64decode(p + klen, (size_t)(end - p) - klen);
 		}
@@ -131,33 +120,32 @@ static char *exec_from_cmdline(const char *line, int *found)
 	return NULL;
 }
 
-static char *read_file(const char *path)
+static char *read_file(const char *path, char *buf, size_t size)
 {
-	static char buf[8192];
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	int fd = sys_open(path, O_RDONLY | O_CLOEXEC, 0);
 	ssize_t n;
 
 	if (fd < 0)
 		return NULL;
-	n = read(fd, buf, sizeof(buf) - 1);
-	close(fd);
+	n = sys_read(fd, buf, size - 1);
+	sys_close(fd);
 	if (n < 0)
 		return NULL;
 	buf[n] = '\0';
 	return buf;
 }
 
-static void power_off(void)
+static __attribute__((noreturn)) void power_off(void)
 {
-	sync();
-	reboot(RB_POWER_OFF);
+	sys_sync();
+	sys_reboot(LINUX_REBOOT_CMD_POWER_OFF);
 	/* No power-off handler: halt instead of returning (init must not). */
-	reboot(RB_HALT_SYSTEM);
+	sys_reboot(LINUX_REBOOT_CMD_HALT);
 	for (;;)
-		pause();
+		sys_pause();
 }
 
-static volatile sig_atomic_t stop_request;
+static volatile int stop_request;
 
 static void on_signal(int sig)
 {
@@ -170,48 +158,50 @@ static void handle_stop_request(void)
 
 	if (!sig)
 		return;
-	sync();
+	sys_sync();
 	if (sig == SIGTERM)
-		reboot(RB_AUTOBOOT);
+		sys_reboot(LINUX_REBOOT_CMD_RESTART);
 	power_off();
 }
 
 static void mounts(void)
 {
-	mkdir("/proc", 0755);
-	mkdir("/sys", 0755);
-	mkdir("/dev", 0755);
-	mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-	mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL);
-	mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
+	sys_mkdir("/proc", 0755);
+	sys_mkdir("/sys", 0755);
+	sys_mkdir("/dev", 0755);
+	sys_mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+		  NULL);
+	sys_mount("sysfs", "/sys", "sysfs", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+		  NULL);
+	sys_mount("devtmpfs", "/dev", "devtmpfs", MS_NOSUID, "mode=0755");
 }
 
 static void console_stdio(void)
 {
 	int fd;
 
-	if (fcntl(0, F_GETFD) >= 0 && fcntl(1, F_GETFD) >= 0 &&
-	    fcntl(2, F_GETFD) >= 0)
-		return;
-	fd = open("/dev/console", O_RDWR | O_NOCTTY);
+	if (sys_ioctl(0, TCGETS, 0) != -9 && sys_ioctl(1, TCGETS, 0) != -9 &&
+	    sys_ioctl(2, TCGETS, 0) != -9)
+		return;		/* all three open (-EBADF is -9) */
+	fd = sys_open("/dev/console", O_RDWR | O_NOCTTY, 0);
 	if (fd < 0)
 		return;
-	dup2(fd, 0);
-	dup2(fd, 1);
-	dup2(fd, 2);
+	sys_dup2(fd, 0);
+	sys_dup2(fd, 1);
+	sys_dup2(fd, 2);
 	if (fd > 2)
-		close(fd);
+		sys_close(fd);
 }
 
 /* Waits for pid, reaping orphans meanwhile; returns the shell-style status. */
 static int wait_for(pid_t pid)
 {
 	for (;;) {
-		int st;
-		pid_t r = waitpid(-1, &st, 0);
+		int st = 0;
+		pid_t r = sys_wait4(-1, &st, 0);
 
 		if (r < 0) {
-			if (errno == EINTR) {
+			if (r == -HV_EINTR) {
 				handle_stop_request();
 				continue;
 			}
@@ -219,11 +209,41 @@ static int wait_for(pid_t pid)
 		}
 		if (r != pid)
 			continue;
-		if (WIFEXITED(st))
-			return WEXITSTATUS(st);
-		if (WIFSIGNALED(st))
-			return 128 + WTERMSIG(st);
+		if ((st & 0x7f) == 0)
+			return (st >> 8) & 0xff;		/* exited */
+		if ((st & 0x7f) != 0x7f)
+			return 128 + (st & 0x7f);	/* killed */
 	}
+}
+
+/* fork + exec /bin/sh; tty: new session with /dev/ttyS0 as controlling tty */
+static pid_t spawn_shell(char *const argv[], int tty)
+{
+	pid_t pid = sys_fork();
+
+	if (pid != 0)
+		return pid;
+	if (tty) {
+		int fd;
+
+		sys_setsid();
+		fd = sys_open("/dev/ttyS0", O_RDWR, 0);
+		if (fd >= 0) {
+			sys_ioctl(fd, TIOCSCTTY, 0);
+			sys_dup2(fd, 0);
+			sys_dup2(fd, 1);
+			sys_dup2(fd, 2);
+			if (fd > 2)
+				sys_close(fd);
+		}
+	}
+	sys_signal(SIGUSR1, SIG_DFL, 0);
+	sys_signal(SIGUSR2, SIG_DFL, 0);
+	sys_signal(SIGTERM, SIG_DFL, 0);
+	sys_signal(SIGINT, SIG_DFL, 0);
+	sys_execve("/bin/sh", argv, environ_);
+	put_str(2, "hv-guest: cannot run /bin/sh\n");
+	sys_exit(127);
 }
 
 static int host_mode(int argc, char **argv)
@@ -231,107 +251,99 @@ static int host_mode(int argc, char **argv)
 	char *cmd = NULL;
 	int found = 1;
 
-	if (argc == 3 && !strcmp(argv[1], "--decode"))
+	if (argc == 3 && !hv_strcmp(argv[1], "--decode"))
 		cmd = b64decode(argv[2], strlen(argv[2]));
-	else if (argc == 3 && !strcmp(argv[1], "--parse-cmdline"))
+	else if (argc == 3 && !hv_strcmp(argv[1], "--parse-cmdline"))
 		cmd = exec_from_cmdline(argv[2], &found);
 	else {
-		fprintf(stderr, "usage: init --decode B64 | "
-			"--parse-cmdline CMDLINE (only PID 1 boots)\n");
+		put_str(2, "usage: init --decode B64 | --parse-cmdline CMDLINE "
+			"(only PID 1 boots)\n");
 		return 2;
 	}
 	if (!found) {
-		fprintf(stderr, "no hv.exec= parameter\n");
+		put_str(2, "no hv.exec= parameter\n");
 		return 3;
 	}
 	if (!cmd) {
-		fprintf(stderr, "invalid base64\n");
+		put_str(2, "invalid base64\n");
 		return 1;
 	}
-	fputs(cmd, stdout);
+	put_str(1, cmd);
 	return 0;
 }
 
-int main(int argc, char **argv)
+static char *env[] = {
+	"PATH=/bin:/sbin:/usr/bin:/usr/sbin",
+	"HOME=/root",
+	"SHELL=/bin/sh",
+	"TERM=vt100",
+	NULL
+};
+
+int main(int argc, char **argv, char **envp)
 {
-	struct sigaction sa;
+	static char buf[4096];
 	char *line, *cmd = NULL, uptime[64] = "?";
 	int found = 0;
 	pid_t pid;
+	(void)envp;
 
-	if (getpid() != 1)
+	if (sys_getpid() != 1)
 		return host_mode(argc, argv);
+	environ_ = env;
 
-	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = on_signal;
-	sigaction(SIGUSR1, &sa, NULL);
-	sigaction(SIGUSR2, &sa, NULL);
-	sigaction(SIGTERM, &sa, NULL);
-	signal(SIGINT, SIG_IGN);	/* Ctrl-Alt-Del */
+	sys_signal(SIGUSR1, on_signal, 0);
+	sys_signal(SIGUSR2, on_signal, 0);
+	sys_signal(SIGTERM, on_signal, 0);
+	sys_signal(SIGINT, SIG_IGN, 0);		/* Ctrl-Alt-Del */
 
 	mounts();
 	console_stdio();
-	setenv("PATH", "/bin:/sbin:/usr/bin:/usr/sbin", 1);
-	setenv("HOME", "/root", 1);
-	setenv("SHELL", "/bin/sh", 1);
-	setenv("TERM", "vt100", 0);
-	chdir("/root");
+	sys_chdir("/root");
 
-	line = read_file("/proc/uptime");
+	line = read_file("/proc/uptime", buf, sizeof(buf));
 	if (line) {
-		size_t n = strcspn(line, " \n");
+		size_t n = 0;
 
-		if (n >= sizeof(uptime))
-			n = sizeof(uptime) - 1;
-		memcpy(uptime, line, n);
+		while (line[n] && line[n] != ' ' && line[n] != '\n' &&
+		       n < sizeof(uptime) - 1) {
+			uptime[n] = line[n];
+			n++;
+		}
 		uptime[n] = '\0';
 	}
-	say("hv-guest: ready uptime=%s\n", uptime);
+	say("hv-guest: ready uptime=", uptime, "\n");
 
-	line = read_file("/proc/cmdline");
+	line = read_file("/proc/cmdline", buf, sizeof(buf));
 	if (line)
 		cmd = exec_from_cmdline(line, &found);
 
 	if (found) {
 		char *args[] = { "sh", "-c", cmd, NULL };
-		char num[16];
+		struct line l = { .len = 0 };
 		int status;
 
 		if (!cmd) {
-			say("hv-guest: hv.exec is not valid base64%s\n", "");
-			status = 127;
-		} else if (posix_spawn(&pid, "/bin/sh", NULL, NULL, args,
-				       environ)) {
-			say("hv-guest: cannot run /bin/sh%s\n", "");
+			say("hv-guest: hv.exec is not valid base64", "", "\n");
 			status = 127;
 		} else {
-			status = wait_for(pid);
+			pid = spawn_shell(args, 0);
+			status = pid < 0 ? 127 : wait_for(pid);
 		}
-		snprintf(num, sizeof(num), "%d", status);
-		say("hv-guest: exit-status %s\n", num);
+		l_str(&l, "hv-guest: exit-status ");
+		l_udec(&l, (unsigned long)status);
+		l_str(&l, "\n");
+		l_flush(&l, 1);
 		power_off();
 	} else {
 		/* Interactive: session leader on ttyS0 so job control works. */
 		char *args[] = { "-sh", NULL };
-		posix_spawnattr_t attr;
-		posix_spawn_file_actions_t fa;
-		int tty_ok = access("/dev/ttyS0", R_OK | W_OK) == 0;
+		int tty = sys_access("/dev/ttyS0", 6) == 0;
 
-		posix_spawnattr_init(&attr);
-		posix_spawn_file_actions_init(&fa);
-		if (tty_ok) {
-			posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID);
-			posix_spawn_file_actions_addopen(&fa, 0, "/dev/ttyS0",
-							 O_RDWR, 0);
-			posix_spawn_file_actions_adddup2(&fa, 0, 1);
-			posix_spawn_file_actions_adddup2(&fa, 0, 2);
-		}
-		if (posix_spawn(&pid, "/bin/sh", &fa, &attr, args, environ)) {
-			say("hv-guest: cannot run /bin/sh%s\n", "");
-		} else {
+		pid = spawn_shell(args, tty);
+		if (pid > 0)
 			wait_for(pid);
-		}
-		say("hv-guest: shell exited, powering off%s\n", "");
+		say("hv-guest: shell exited, powering off", "", "\n");
 		power_off();
 	}
 	return 0;
