@@ -110,3 +110,32 @@ def test_exec_prints_and_returns_status(linux_images):
     lines = r.stdout.decode(errors="replace").splitlines()
     assert "hi" in [l.strip() for l in lines]
     assert b"Traceback" not in r.stderr
+
+
+@pytest.mark.kvm
+def test_interactive_terminal_ctrl_a_x():
+    import pty
+    import select
+    import termios
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    p = subprocess.Popen([sys.executable, "-m", "hv", "--kernel", PVH_IDLE, "--initrd", "",
+                          "--mem", "16"], stdin=slave, stdout=slave, stderr=slave)
+    out = b""
+    try:
+        deadline = time.monotonic() + 20
+        while b"idle" not in out:
+            assert time.monotonic() < deadline, out
+            r, _, _ = select.select([master], [], [], 0.2)
+            if r:
+                out += os.read(master, 4096)
+        assert termios.tcgetattr(slave)[3] & termios.ECHO == 0     # raw mode
+        os.write(master, b"\x01x")
+        assert p.wait(10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert termios.tcgetattr(slave) == before                       # restored
+    os.close(master)
+    os.close(slave)
