@@ -220,3 +220,27 @@ def test_linux_state_restores_into_new_machine(linux_guest, linux_images):
         m2.stop()
         m2.close()
     shell(linux_guest, "echo original-$((1+2))", "original-3")
+
+
+def test_dirty_logging_and_ring():
+    from hv._kvm import lib
+    m, console = tiny(PVH, dirty_ring_bytes=64 * 1024)
+    assert m.vcpus[0].dirty_ring is not None
+    m.set_dirty_logging(True)
+    m.boot()
+    m.start()
+    assert m.wait(20) == "poweroff"
+    got = m.vcpus[0].harvest_dirty_ring()
+    assert got and all(slot == 0 for slot, _ in got)
+    m.vm.reset_dirty_rings()
+    m.close()
+
+    m, console = tiny(PVH)
+    m.set_dirty_logging(True)
+    m.boot()
+    m.start()
+    assert m.wait(20) == "poweroff"
+    words = m.vm.get_dirty_log(0, m.memory.npages)
+    assert words.any()
+    m.set_dirty_logging(False)
+    m.close()
