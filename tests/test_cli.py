@@ -139,3 +139,16 @@ def test_interactive_terminal_ctrl_a_x():
     assert termios.tcgetattr(slave) == before                       # restored
     os.close(master)
     os.close(slave)
+
+
+@pytest.mark.kvm
+@pytest.mark.linux
+def test_guest_reboot_ends_run_guest(linux_images):
+    kernel, initrd = linux_images
+    t0 = time.monotonic()
+    r = run_guest("--kernel", kernel, "--initrd", initrd, "--mem", "64", "--verbose",
+                  "--exec", "reboot -f", timeout=400)
+    assert b"guest ended (reboot)" in r.stderr, r.stderr[-2000:]
+    assert r.returncode == 1            # no exit status line: the guest rebooted
+    assert b"Traceback" not in r.stderr
+    assert time.monotonic() - t0 < 300

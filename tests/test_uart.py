@@ -127,3 +127,46 @@ def test_save_restore():
     assert irq2.level
     assert t.save() == state
     assert bytes(rd(t, U.RBR) for _ in range(3)) == b"xyz"
+
+
+# -- the other legacy ports (hv.devices.legacy) ------------------------------------
+
+from hv.devices import legacy as L  # noqa: E402
+
+
+def test_poweroff_port():
+    seen = []
+    d = L.PowerOff(seen.append)
+    d.write(0, b"\0")
+    assert seen == [0]
+    assert d.read(0, 1) == b"\0"
+
+
+def test_i8042_reset_and_probe():
+    resets = []
+    k = L.I8042(lambda: resets.append(1))
+    assert k.read(L.I8042_STATUS, 1)[0] & 0x02 == 0          # input buffer empty
+    k.write(L.I8042_STATUS, bytes([L.CMD_SELF_TEST]))
+    assert k.read(L.I8042_STATUS, 1)[0] & L.STATUS_OBF
+    assert k.read(L.I8042_DATA, 1) == b"\x55"
+    assert not k.read(L.I8042_STATUS, 1)[0] & L.STATUS_OBF
+    k.write(L.I8042_STATUS, bytes([L.CMD_WRITE_CTR]))
+    k.write(L.I8042_DATA, b"\x47")
+    k.write(L.I8042_STATUS, bytes([L.CMD_READ_CTR]))
+    assert k.read(L.I8042_DATA, 1) == b"\x47"
+    state = k.save()
+    k2 = L.I8042(lambda: None)
+    k2.restore(state)
+    assert k2.save() == state
+    assert not resets
+    k.write(L.I8042_STATUS, bytes([L.CMD_RESET_CPU]))
+    assert resets == [1]
+    k.write(L.I8042_STATUS, bytes([L.CMD_WRITE_OUTPORT]))
+    k.write(L.I8042_DATA, b"\xfe")                            # bit 0 low: reset
+    assert resets == [1, 1]
+
+
+def test_post_port():
+    d = L.PostCode()
+    d.write(0, b"\x42")
+    assert d.last == 0x42 and d.read(0, 1) == b"\0"
