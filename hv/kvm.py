@@ -742,22 +742,28 @@ class Vcpu:
         _check(lib.hv_ioctl_val(self.fd, lib.KVM_KVMCLOCK_CTRL, 0), "KVM_KVMCLOCK_CTRL")
 
     # -- dirty ring ------------------------------------------------------------
-    def harvest_dirty_ring(self) -> list[tuple[int, int]]:
-        """Collect the (slot, page offset) entries KVM pushed to this vCPU's dirty
-        ring and mark them harvested; call Vm.reset_dirty_rings() afterwards to
-        let KVM reuse them (and re-protect the pages)."""
+    def harvest_dirty_ring_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """Like harvest_dirty_ring() but as (slots, offsets) numpy arrays."""
         ring = self.dirty_ring
         if ring is None:
-            return []
+            return np.zeros(0, np.uint32), np.zeros(0, np.uint64)
         n = len(ring)
-        out: list[tuple[int, int]] = []
-        dirty = lib.KVM_DIRTY_GFN_F_DIRTY
-        reset = lib.KVM_DIRTY_GFN_F_RESET
-        while True:
-            e = ring[self._ring_index % n]
-            if not (int(e["flags"]) & dirty):
-                break
-            out.append((int(e["slot"]), int(e["offset"])))
-            ring["flags"][self._ring_index % n] = reset
-            self._ring_index += 1
-        return out
+        start = self._ring_index % n
+        order = np.concatenate((np.arange(start, n), np.arange(0, start)))
+        flags = ring["flags"][order]
+        clean = np.flatnonzero((flags & lib.KVM_DIRTY_GFN_F_DIRTY) == 0)
+        count = int(clean[0]) if len(clean) else n
+        idx = order[:count]
+        slots = ring["slot"][idx].copy()
+        offsets = ring["offset"][idx].copy()
+        ring["flags"][idx] = lib.KVM_DIRTY_GFN_F_RESET
+        self._ring_index += count
+        return slots, offsets
+
+    def harvest_dirty_ring(self) -> list[tuple[int, int]]:
+        """Collect the (slot, page offset) entries KVM pushed to this vCPU's dirty
+        ring (mmapped at KVM_DIRTY_LOG_PAGE_OFFSET) and mark them harvested
+        (KVM_DIRTY_GFN_F_RESET); call Vm.reset_dirty_rings() afterwards to let
+        KVM reuse them and write-protect the pages again."""
+        slots, offsets = self.harvest_dirty_ring_arrays()
+        return list(zip(slots.tolist(), offsets.tolist()))

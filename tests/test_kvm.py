@@ -240,3 +240,39 @@ def test_state_roundtrip(vm_setup):
     vm.ioeventfd(efd, 0xd0000050, 4)
     vm.ioeventfd(efd, 0xd0000050, 4, deassign=True)
     os.close(efd)
+
+
+def test_dirty_ring_full_and_wraparound(tiny_guest):
+    k = K.Kvm()
+    if not k.check_extension(lib.KVM_CAP_DIRTY_LOG_RING) and \
+            not k.check_extension(lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL):
+        pytest.skip("KVM has no dirty ring")
+    size = 32 << 20
+    vm = k.create_vm()
+    vm.enable_dirty_ring(4096 * 16)          # 4096 entries
+    mem = GuestMemory(size)
+    vm.set_user_memory_region(0, 0, size, mem.host_addr, lib.KVM_MEM_LOG_DIRTY_PAGES)
+    vcpu = vm.create_vcpu(0)
+    with open(tiny_guest("pm32.bin"), "rb") as f:
+        mem.write(LOAD, f.read())
+    run_pm32_prologue(vcpu)
+    vcpu.harvest_dirty_ring()
+    vm.reset_dirty_rings()
+    targets = [0x100000 + 4096 * i for i in range(6000)]
+    seen: set[int] = set()
+    fulls = 0
+    it = iter(targets + [0])
+    while True:
+        e = vcpu.run()
+        if isinstance(e, K.DirtyRingFull):
+            fulls += 1
+            seen.update(off for _, off in vcpu.harvest_dirty_ring())
+            vm.reset_dirty_rings()
+            continue
+        if isinstance(e, K.Hlt):
+            break
+        assert isinstance(e, K.IoIn) and e.port == 0x15, e
+        e.buf[:] = next(it).to_bytes(4, "little")
+    seen.update(off for _, off in vcpu.harvest_dirty_ring())
+    assert fulls >= 1
+    assert {t >> 12 for t in targets} <= seen
