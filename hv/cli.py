@@ -249,6 +249,8 @@ def main(argv=None) -> int:
     _load_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="hv: %(message)s")
     try:
         return run(args)
     except HvError as e:
