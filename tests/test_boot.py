@@ -147,3 +147,22 @@ def test_e820():
     assert e[-1] == (MIB, 63 * MIB, mptable.E820_RAM)
     with pytest.raises(mptable.MpTableError):
         mptable.e820_map(MIB // 2)
+
+
+@pytest.mark.kvm
+def test_bzimage_long_mode_entry_runs(tmp_path):
+    """The 64-bit boot protocol for real: long mode, identity map, %rsi."""
+    from conftest import Console, kvm_unavailable_reason
+    if kvm_unavailable_reason():
+        pytest.skip(kvm_unavailable_reason())
+    from hv.machine import Machine, MachineConfig
+    p = tmp_path / "bzImage"
+    p.write_bytes(fake_bzimage(open(os.path.join(GUESTS, "long64.bin"), "rb").read()))
+    console = Console()
+    m = Machine(MachineConfig(mem_mib=32, kernel=str(p), cmdline="console=ttyS0 long=1"))
+    m.console_listeners.append(console)
+    assert m.boot().protocol == boot.PROTOCOL_LINUX64
+    m.start()
+    assert m.wait(20) == "poweroff", m.error
+    assert "long mode: boot_params ok\nconsole=ttyS0 long=1" in console.text
+    m.close()
