@@ -77,6 +77,13 @@ STATUS_INMIGRATE = "inmigrate"
 STATE_VERSION = 1
 
 
+def _fit(data: bytes, size: int) -> bytes:
+    """A device's read answer cut or padded (with 0xff) to the access size."""
+    if len(data) == size:
+        return data
+    return bytes(data[:size]).ljust(size, b"\xff")
+
+
 def base_cmdline() -> str:
     try:
         from . import images
@@ -462,13 +469,14 @@ class Machine:
                 port, size = ex.port, ex.size
                 self.io_counts[port] += 1
                 if ex.count == 1:
-                    ex.buf[:] = pio.read(port, size)
+                    ex.buf[:] = _fit(pio.read(port, size), size)
                 else:
-                    ex.buf[:] = b"".join(pio.read(port, size) for _ in range(ex.count))
+                    ex.buf[:] = b"".join(_fit(pio.read(port, size), size)
+                                         for _ in range(ex.count))
             elif kind is K.MmioWrite:
                 mmio.write(ex.addr, ex.data)
             elif kind is K.MmioRead:
-                ex.buf[:] = mmio.read(ex.addr, ex.size)
+                ex.buf[:] = _fit(mmio.read(ex.addr, ex.size), ex.size)
             elif kind is K.Intr:
                 vcpu.set_immediate_exit(False)
             elif kind is K.Hlt:
