@@ -199,6 +199,45 @@ def test_paths_missing_says_to_build(tmp_path, monkeypatch):
     assert b"build" in r.stderr and b"Traceback" not in r.stderr
 
 
+def test_missing_dependency_is_a_clear_error_for_non_root(monkeypatch):
+    monkeypatch.setattr(images, "DEPENDENCIES",
+                        [("/nonexistent/gelf.h", "file", "libelf-dev"),
+                         ("no-such-program-hv", "prog", "flex")])
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(HvError) as e:
+        images.ensure_dependencies(images.Progress(open(os.devnull, "w")))
+    msg = str(e.value)
+    assert "libelf-dev" in msg and "flex" in msg and "apt-get install" in msg
+
+
+def test_build_lock_serialises_builds(tmp_path, monkeypatch):
+    """A second build waits for the lock instead of building in parallel."""
+    import fcntl
+    import threading
+    monkeypatch.setenv("HV_IMAGES", str(tmp_path))
+    calls = []
+
+    def fake_build(out, force, progress):
+        calls.append(("start", time.monotonic()))
+        time.sleep(0.3)
+        calls.append(("end", time.monotonic()))
+        return {}
+
+    monkeypatch.setattr(images, "_build_locked", fake_build)
+    quiet = images.Progress(open(os.devnull, "w"))
+    threads = [threading.Thread(target=images.build,
+                                kwargs={"progress": quiet})
+               for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [c[0] for c in calls] == ["start", "end", "start", "end"]
+    # The lock file is where other processes look for it.
+    with open(tmp_path / ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 # ----------------------------------------------------------- built images
 
 @pytest.fixture(scope="session")
