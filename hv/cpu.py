@@ -85,9 +85,9 @@ KVM_FEATURE_CLOCKSOURCE_STABLE_BIT = 24
 KVM_FEATURE_NOP_IO_DELAY = 1
 KVM_FEATURE_PV_EOI = 6
 #: The paravirtual features a guest gets: kvmclock and no I/O delays.
-#: Async page faults, steal time, PV EOI, PV TLB flush and the rest are
-#: off: they add guest/host shared state that a migration must carry, and
-#: async page faults break guests on nested KVMs.
+#: Async page faults, steal time, PV EOI, PV TLB flush and the rest stay
+#: off: each adds guest memory that KVM writes behind the VMM's back and
+#: state a save/restore must carry, for little gain with one vCPU.
 KVM_FEATURES_KEPT = bit(KVM_FEATURE_NOP_IO_DELAY)
 LEAF7_EAX_MAX_SUBLEAF = 0
 
