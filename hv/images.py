@@ -60,7 +60,7 @@ BUSYBOX = "/bin/busybox"
 # entries, hv_poweroff=PORT and hv.exec=.
 BASE_CMDLINE = ("console=ttyS0 loglevel=4 mitigations=off noxsave nofsgsbase "
                 "clearcpuid=141,151,295,308 no_timer_check lpj=1000000 "
-                "tsc=reliable i8042.noaux i8042.nokbd")
+                "tsc=reliable")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
