@@ -28,6 +28,10 @@ def exec_arg(command: str) -> str:
 
 def in_netns(ns: str | None):
     def enter():
+        # Between fork and exec: the parent's Python signal handlers must not
+        # run here (they would run the parent's cleanup in the child).
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
         if ns:
             from pyroute2 import netns
             netns.setns(ns)
