@@ -79,6 +79,52 @@ def test_init_finds_exec_in_cmdline(host_init):
     assert r.returncode == 3
 
 
+@pytest.fixture(scope="module")
+def host_hvmem(tmp_path_factory):
+    """The guest's hvmem compiled for the host (same flags, no libc)."""
+    if not shutil.which("gcc"):
+        pytest.skip("gcc not installed")
+    exe = str(tmp_path_factory.mktemp("hvmem") / "hvmem")
+    subprocess.run(["gcc"] + images.TOOL_CFLAGS +
+                   ["-o", exe, os.path.join(images.SRC, "tools", "hvmem.c")],
+                   check=True)
+    return exe
+
+
+def test_hvmem_on_host(host_hvmem):
+    r = subprocess.run([host_hvmem, "fill", "3", "--free"],
+                       capture_output=True, timeout=30)
+    assert r.stdout == b"hvmem: filled 3 MiB\nhvmem: freed\n"
+    # hold: verify on a stdin line, then on SIGUSR1 once stdin is closed.
+    p = subprocess.Popen([host_hvmem, "hold", "2"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE)
+    try:
+        line = p.stdout.readline().decode()
+        assert line.startswith("hvmem: hold 2 MiB checksum=")
+        assert len(line.split("=")[1].strip()) == 16
+        p.stdin.write(b"verify\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == b"hvmem: verify ok\n"
+        p.stdin.close()
+        time.sleep(0.2)
+        p.send_signal(10)   # SIGUSR1
+        assert p.stdout.readline() == b"hvmem: verify ok\n"
+    finally:
+        p.kill()
+        p.wait()
+    p = subprocess.Popen([host_hvmem, "dirty", "2", "500"],
+                         stdout=subprocess.PIPE)
+    try:
+        assert p.stdout.readline() == b"hvmem: dirtying 2 MiB at 500 pages/s\n"
+        time.sleep(0.3)
+        assert p.poll() is None
+    finally:
+        p.kill()
+        p.wait()
+    r = subprocess.run([host_hvmem, "fill", "x"], capture_output=True)
+    assert r.returncode == 2 and b"usage" in r.stderr
+
+
 def _patch(path, old, new, name):
     with open(path, "w") as f:
         f.write("header line\n---\n--- a/%s\n+++ b/%s\n@@ -1 +1 @@\n-%s\n+%s\n"
