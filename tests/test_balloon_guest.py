@@ -270,3 +270,41 @@ def test_bitmap_timing_256(linux_images):
               f"{info['chunks']} chunks")
     finally:
         g.close()
+
+
+def test_balloon_after_save_restore(bitmap_guest, linux_images):
+    """The balloon's state moves with the machine: a restored copy answers
+    bitmap and stats requests and keeps the balloon size."""
+    from hv.machine import Machine, MachineConfig
+    from hv.migration.protocol import decode_state, encode_state
+    g = bitmap_guest
+    g.m.commands["balloon"]({"target_mib": 4})
+    g.wait_actual(4 * 256)
+    g.m.pause()
+    try:
+        state = decode_state(encode_state(g.m.save_state()))
+        kernel, initrd = linux_images
+        m2 = Machine(MachineConfig(mem_mib=64, kernel=kernel, initrd=initrd, balloon=True,
+                                   balloon_options={"reporting": False}))
+        try:
+            m2.memory.array()[:] = g.mem.array()
+            m2.restore_state(state)
+            m2.start()
+            assert m2.commands["query-balloon"]({})["actual_pages"] == 4 * 256
+            words, info = m2.balloon.request_free_page_bitmap(timeout_ms=120_000)
+            assert 0 < info["free_pages"] < m2.memory.npages
+            q = m2.commands["query-balloon"]({"refresh": True, "timeout_ms": 60_000})
+            assert q["stats"]["total_memory"] > 0
+            m2.commands["balloon"]({"target_mib": 0})
+            deadline = time.monotonic() + 120
+            while m2.commands["query-balloon"]({})["actual_pages"] and \
+                    time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert m2.commands["query-balloon"]({})["actual_pages"] == 0
+        finally:
+            m2.stop()
+            m2.close()
+    finally:
+        g.m.resume()
+    g.m.commands["balloon"]({"target_mib": 0})
+    g.wait_actual(0)
