@@ -10,9 +10,7 @@ from hypothesis import strategies as st
 from hv.devices.virtio import mmio as r
 from hv.devices.virtio.balloon import Balloon
 from hv.devices.virtio.driver_model import FakeIrqLine, MmioDriver
-from hv.devices.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT,
-                                     VIRTQ_DESC_F_WRITE, VIRTIO_F_INDIRECT_DESC,
-                                     Virtqueue, VirtioError)
+from hv.devices.virtio.queue import VIRTIO_F_INDIRECT_DESC, Virtqueue, VirtioError
 from hv.memory import GuestMemory
 
 MEM = 64 * 1024
@@ -134,3 +132,30 @@ def test_balloon_survives_malformed_buffers(queue, descs, payload, bitmap_reques
     # The VMM side keeps working either way.
     b.save()
     t.save()
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(st.tuples(st.sampled_from(
+    [r.STATUS, r.QUEUE_SEL, r.QUEUE_NUM, r.QUEUE_READY, r.QUEUE_NOTIFY, r.QUEUE_DESC_LOW,
+     r.QUEUE_DESC_HIGH, r.QUEUE_DRIVER_LOW, r.QUEUE_DEVICE_LOW, r.DRIVER_FEATURES,
+     r.DRIVER_FEATURES_SEL, r.DEVICE_FEATURES_SEL, r.INTERRUPT_ACK, r.CONFIG,
+     r.CONFIG + 4, r.CONFIG + 12, r.CONFIG + 16, r.CONFIG + 18, 0x300, 0x0FE]),
+    st.one_of(st.integers(0, 16), st.integers(0, 2**32 - 1),
+              st.sampled_from([0xF, 0x8, MEM - 8, 0x1000]))), max_size=40))
+def test_random_register_writes(ops):
+    """Any sequence of register writes leaves the VMM running and in bounds."""
+    mem = CheckedMemory(MEM)
+    irq = FakeIrqLine()
+    b = Balloon(mem)
+    t = r.VirtioMmioTransport(b, mem, irq, "balloon")
+    for off, val in ops:
+        t.write(off, struct.pack("<I", val))
+        t.read(off, 4)
+        t.read(r.CONFIG, 20)
+    assert mem.violations == []
+    assert irq.level == (t.interrupt_status != 0)
+    from hv.migration.protocol import decode_state, encode_state
+    state = decode_state(encode_state(t.save()))
+    t2 = r.VirtioMmioTransport(Balloon(mem), mem, FakeIrqLine(), "balloon")
+    t2.restore(state)
+    assert t2.save()["status"] == t.save()["status"]

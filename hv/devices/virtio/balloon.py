@@ -151,17 +151,23 @@ class Balloon(VirtioDevice):
             self._init_state()
             self._cond.notify_all()
 
+    def _config(self) -> bytearray:
+        cfg = bytearray(CONFIG_SIZE)
+        for off, value in ((CFG_NUM_PAGES, self.num_pages), (CFG_ACTUAL, self.actual),
+                           (CFG_FREE_PAGE_HINT_CMD_ID, self._hint_config_id()),
+                           (CFG_POISON_VAL, self.poison_val),
+                           (CFG_FREE_PAGE_BITMAP_CMD_ID, self.bitmap_cmd_id)):
+            struct.pack_into("<I", cfg, off, value)
+        return cfg
+
     def read_config(self, offset: int, size: int) -> bytes:
         with self.lock:
-            cfg = struct.pack("<IIIII", self.num_pages, self.actual, self._hint_config_id(),
-                              self.poison_val, self.bitmap_cmd_id)
-        return cfg[offset:offset + size].ljust(size, b"\0") if offset < CONFIG_SIZE else bytes(size)
+            cfg = self._config()
+        return bytes(cfg[offset:offset + size]).ljust(size, b"\0")
 
     def write_config(self, offset: int, data: bytes) -> None:
         with self.lock:
-            cfg = bytearray(struct.pack("<IIIII", self.num_pages, self.actual,
-                                        self._hint_config_id(), self.poison_val,
-                                        self.bitmap_cmd_id))
+            cfg = self._config()
             if offset < 0 or offset + len(data) > CONFIG_SIZE:
                 log.debug("balloon: config write at %d outside config", offset)
                 return

@@ -28,7 +28,9 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from .queue import Virtqueue, VirtioError  # noqa: F401  (re-exported)
+from .queue import Virtqueue, VirtioError
+
+__all__ = ["VirtioDevice", "Virtqueue", "VirtioError", "VIRTIO_F_VERSION_1"]
 
 VIRTIO_F_VERSION_1 = 32
 VIRTIO_F_ACCESS_PLATFORM = 33
