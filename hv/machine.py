@@ -652,12 +652,13 @@ class Machine:
         return {"status": self.status, "running": self.status == STATUS_RUNNING}
 
     def _cmd_stop(self, args: dict) -> dict:
-        if self.status == STATUS_RUNNING:
+        # before start() this makes start() leave the vCPUs paused (QEMU's -S)
+        if self.status in (STATUS_RUNNING, STATUS_PRELAUNCH):
             self.pause()
         return {}
 
     def _cmd_cont(self, args: dict) -> dict:
-        if self.status == STATUS_PAUSED or self.status == STATUS_PRELAUNCH and self._threads:
+        if self.status == STATUS_PAUSED:
             self.resume()
         return {}
 

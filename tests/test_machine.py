@@ -244,3 +244,18 @@ def test_dirty_logging_and_ring():
     assert words.any()
     m.set_dirty_logging(False)
     m.close()
+
+
+def test_stop_before_start_keeps_vcpus_paused():
+    m, console = tiny(PVH_IDLE)
+    m.boot()
+    m.commands["stop"]({})
+    assert m.status == "paused"
+    m.start()
+    time.sleep(0.3)
+    assert m.status == "paused" and console.text == ""
+    m.commands["cont"]({})
+    console.wait_for("idle\n", 20)
+    assert m.status == "running"
+    m.stop()
+    m.close()
