@@ -268,3 +268,18 @@ def test_event_idx_suppression():
     q.add_used(0, 0)                  # used idx 3, event still 1: no
     assert not q.needs_interrupt()
     assert mem.read_u16(0x3004 + 8 * 8) == 3  # avail_event follows last_avail_idx
+
+
+def test_event_between_read_and_ack_gets_a_new_edge():
+    _, irq, dev, t, drv = make()
+    assert drv.negotiate(V1)
+    drv.setup_queues(2)
+    drv.driver_ok()
+    t.signal_used(0)
+    status = drv.read(r.INTERRUPT_STATUS)          # vm_interrupt() reads ...
+    t.config_changed()                              # ... a config change arrives ...
+    drv.write(r.INTERRUPT_ACK, status)              # ... it acks what it read
+    assert irq.history == [True, False, True]       # a fresh rising edge
+    assert drv.read(r.INTERRUPT_STATUS) == r.INT_CONFIG
+    drv.ack_interrupt()
+    assert irq.history[-1] is False

@@ -12,7 +12,9 @@ the pin edge-triggered, active high, and each 0 -> non-zero transition is a
 rising edge; Linux's vm_interrupt() acknowledges before it looks at the
 rings, so an event arriving between its read and its ack is still seen. A
 level-triggered pin (Linux requests the IRQ with IRQF_SHARED) gets exactly
-the level the spec describes.
+the level the spec describes. When the driver acknowledges only part of the
+status (an event came after its read), the line is dropped and raised again
+so an edge-triggered pin sees the remaining event.
 
 A malformed request from the driver sets DEVICE_NEEDS_RESET (status bit 64),
 logs the reason and raises a configuration change interrupt; the queues are
@@ -256,6 +258,11 @@ class VirtioMmioTransport(Device):
             self._notify(value & 0xFFFF)
         elif offset == INTERRUPT_ACK:
             self.interrupt_status &= ~value
+            if self.interrupt_status and self._line:
+                # Something arrived after the driver read InterruptStatus: the
+                # line never went low, so give an edge-triggered pin a new edge.
+                self.irq_line.set_level(False)
+                self.irq_line.set_level(True)
             self._update_line()
         elif offset == STATUS:
             self._write_status(value)
