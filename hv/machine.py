@@ -23,7 +23,6 @@ needs just below 4 GiB.
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import struct
 import threading

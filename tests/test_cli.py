@@ -82,7 +82,10 @@ def test_control_socket_commands(tmp_path):
             assert time.monotonic() < deadline and p.poll() is None
             time.sleep(0.05)
         with control.ControlClient(path) as c:
-            assert c.execute("query-status")["status"] in ("running", "prelaunch")
+            while c.execute("query-status")["status"] != "running":
+                assert c.execute("query-status")["status"] == "prelaunch"
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
             c.execute("stop")
             assert c.execute("query-status") == {"status": "paused", "running": False}
             c.execute("cont")

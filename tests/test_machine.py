@@ -223,7 +223,6 @@ def test_linux_state_restores_into_new_machine(linux_guest, linux_images):
 
 
 def test_dirty_logging_and_ring():
-    from hv._kvm import lib
     m, console = tiny(PVH, dirty_ring_bytes=64 * 1024)
     assert m.vcpus[0].dirty_ring is not None
     m.set_dirty_logging(True)
