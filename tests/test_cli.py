@@ -82,9 +82,8 @@ def test_control_socket_commands(tmp_path):
             assert time.monotonic() < deadline and p.poll() is None
             time.sleep(0.05)
         with control.ControlClient(path) as c:
-            while c.execute("query-status")["status"] != "running":
-                assert c.execute("query-status")["status"] == "prelaunch"
-                assert time.monotonic() < deadline
+            while (status := c.execute("query-status")["status"]) != "running":
+                assert status == "prelaunch" and time.monotonic() < deadline
                 time.sleep(0.05)
             c.execute("stop")
             assert c.execute("query-status") == {"status": "paused", "running": False}
