@@ -4,9 +4,15 @@ kvm_required     skip marker (with the reason) where /dev/kvm is missing or
                  not accessible
 tiny_guest       path to a hand-made test guest under tests/guests/
 linux_images     (kernel, initrd) of the Linux guest, or skip
-linux_guest      ONE booted Linux guest (64 MiB) shared by the whole session,
-                 with its console output collected; waits for
-                 "hv-guest: ready". Tests must leave it running.
+linux_guest      ONE booted Linux guest (64 MiB) shared by the whole session:
+                 a hv.machine.Machine whose .console is a Console (below)
+                 collecting its output; it has printed "hv-guest: ready" and
+                 runs an interactive shell on ttyS0 (type with
+                 m.serial.enqueue(b"cmd\n")). Tests must leave it running
+                 (pause/resume is fine).
+Console          collects a guest's console bytes; wait_for(needle, timeout,
+                 start=mark()) returns the text once needle has appeared
+                 (later bytes of the same line may still be arriving).
 """
 
 from __future__ import annotations
