@@ -98,6 +98,8 @@ def test_inflate_discards_and_deflate():
         lb.tell_host("inflate", pfns[i:i + 256])
     lb.drv.config_write(CFG_ACTUAL, 2048)
     assert mem.read(1024 * PAGE_SIZE, 16) == bytes(16)
+    # Discarded pages changed without a guest write: they are VMM-dirty.
+    assert unpack_bitmap(mem.take_dirty_bitmap(), mem.npages)[1024:1024 + 2048].all()
     assert before - mem.resident_bytes() >= 8 * MiB - 64 * 1024  # minus the PFN arrays
     assert unpack_bitmap(lb.dev.inflated_bitmap(), mem.npages).sum() == 2048
     q = lb.dev.commands()["query-balloon"]({})

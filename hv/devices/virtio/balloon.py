@@ -231,7 +231,7 @@ class Balloon(VirtioDevice):
         pfns = self._pfns(chain)
         self.inflated[pfns] = True
         for first, count in _ranges(pfns):
-            self.memory.discard(first << PFN_SHIFT, count << PFN_SHIFT)
+            self._discard(first << PFN_SHIFT, count << PFN_SHIFT)
         self.counters["inflated_pages"] += len(pfns)
         q.add_used(chain.head, 0)
         return True
@@ -242,6 +242,14 @@ class Balloon(VirtioDevice):
         self.counters["deflated_pages"] += len(pfns)
         q.add_used(chain.head, 0)
         return True
+
+    def _discard(self, gpa: int, length: int) -> None:
+        """Give pages back to the host. They now read as zero: that is a change
+        the guest did not make, so it goes into the VMM's dirty log and a
+        migration sends the zeros instead of leaving older data on the
+        destination."""
+        self.memory.discard(gpa, length)
+        self.memory.mark_dirty(gpa, length)
 
     def set_target(self, target_mib: float) -> None:
         pages = int(target_mib * MIB_PAGES)
@@ -379,7 +387,7 @@ class Balloon(VirtioDevice):
                 start = (d.addr + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
                 end = (d.addr + d.length) & ~(PAGE_SIZE - 1)
                 if end > start:
-                    self.memory.discard(start, end - start)
+                    self._discard(start, end - start)
                     self.reported_bytes += end - start
         q.add_used(chain.head, 0)
         return True
