@@ -352,3 +352,35 @@ def test_reset_clears_queues_keeps_ids():
     with pytest.raises(BalloonTimeout):
         lb.dev.request_free_page_bitmap(10)
     assert lb.dev.bitmap_cmd_id == first + 1
+
+
+def test_periodic_stats_polling():
+    lb = LinuxBalloon(stats_interval_s=0.05)
+    try:
+        deadline = time.time() + 5
+        while not lb.irq.level and time.time() < deadline:
+            time.sleep(0.01)
+        # The host gave the stats buffer back on its own: the guest refills it.
+        assert lb.drv.ack_interrupt() & r.INT_VRING
+        assert lb.q["stats"].get_used()
+        lb.write_stats({4: 1 * MiB, 5: 2 * MiB})
+        lb.q["stats"].add(out=[(lb.stats_buf, 100)])
+        lb.q["stats"].kick()
+        assert lb.dev.stats["free_memory"] == 1 * MiB
+    finally:
+        lb.dev.close()
+
+
+def test_hint_wait():
+    lb = LinuxBalloon()
+    cmd = lb.dev.free_page_hint_start()
+    assert not lb.dev.free_page_hint_wait(20)
+    stop = lb.drv.heap.alloc(4, 4)
+    lb.mem.write_u32(stop, cmd)
+    lb.q["free_page"].add(out=[(stop, 4)])
+    lb.q["free_page"].kick()
+    lb.mem.write_u32(stop, 0)
+    lb.q["free_page"].add(out=[(stop, 4)])
+    lb.q["free_page"].kick()
+    assert lb.dev.free_page_hint_wait(20)
+    assert lb.dev.hint_rounds == 1

@@ -145,6 +145,7 @@ def test_bitmap_matches_memfree_and_holds_freed_pages(bitmap_guest):
     # The pages hvmem just freed are (nearly all) in the bitmap; a few sit on
     # the per-cpu lists or were reused by the shell.
     share = free[freed].mean()
+    print(f"{share:.1%} of {len(freed)} pages hvmem freed are in the bitmap")
     assert share >= 0.9, f"only {share:.0%} of hvmem's freed pages are in the bitmap"
     # Pages the kernel itself uses are not: the MP table page, the kernel image.
     assert not free[:16].any()
