@@ -265,6 +265,13 @@ static void rate_wait(struct hv_rate *rate, size_t nbytes)
     uint64_t now = hv_now_ns();
     if (!rate->start_ns)
         rate->start_ns = now;
+    /* Idle for a while (between rounds): do not let the saved-up budget
+     * turn into a burst above the limit; restart the schedule from now. */
+    long double sched = (long double)rate->bytes * 1e9L / (long double)rate->bytes_per_sec;
+    if (now > rate->start_ns + (uint64_t)sched + 20000000ull) {
+        rate->start_ns = now;
+        rate->bytes = 0;
+    }
     rate->bytes += nbytes;
     /* Time at which rate->bytes are due at the allowed rate. */
     long double due = (long double)rate->bytes * 1e9L / (long double)rate->bytes_per_sec;
