@@ -677,10 +677,11 @@ class Migration:
     def progress_line(self) -> str:
         q = self.query()
         mib = q["bytes_sent"] / (1 << 20)
+        secs = q["total_time_ms"] / 1000
+        rate = q["throughput_mib_s"] or (mib / secs if secs else 0.0)
         return (f"migrate: {q['status']:<9} round {q['round']:>2}  {mib:8.1f} MiB sent  "
                 f"{q['pages_sent']} pages, {q['pages_skipped_free']} free, "
-                f"{q['pages_skipped_zero']} zero skipped  {q['throughput_mib_s']:.0f} MiB/s  "
-                f"{q['total_time_ms'] / 1000:.1f} s")
+                f"{q['pages_skipped_zero']} zero skipped  {rate:.0f} MiB/s  {secs:.1f} s")
 
     def _progress(self) -> None:
         while not self._done.wait(0.2):
