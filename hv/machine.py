@@ -74,6 +74,8 @@ STATUS_SHUTDOWN = "shutdown"
 STATUS_INMIGRATE = "inmigrate"
 
 STATE_VERSION = 1
+#: how long console input waits for the guest to make room in the UART FIFO
+CONSOLE_INPUT_TIMEOUT_S = 5.0
 
 
 def _fit(data: bytes, size: int) -> bytes:
@@ -182,6 +184,7 @@ class Machine:
             "cont": self._cmd_cont,
             "quit": self._cmd_quit,
             "query-exits": lambda args: self.exit_summary(),
+            "console-input": self._cmd_console_input,
         }
         self.commands.update(self.serial.commands())
 
@@ -222,6 +225,29 @@ class Machine:
                 pass
         for listener in list(self.console_listeners):
             listener(data)
+
+    def console_input(self, data: bytes, timeout: float = CONSOLE_INPUT_TIMEOUT_S) -> int:
+        """Type data on the guest console: it goes into the UART's receive FIFO
+        as if typed on the terminal. When the FIFO is full, waits for the guest
+        to read from it; fails when it has taken nothing for timeout seconds.
+        Returns the number of bytes (all of data)."""
+        if self.status == STATUS_SHUTDOWN:
+            raise MachineError("the guest is shut down")
+        left = memoryview(data)
+        deadline = time.monotonic() + timeout
+        while left:
+            room = self.serial.rx_room()
+            n = self.serial.enqueue(bytes(left[:room])) if room else 0
+            if n:
+                left = left[n:]
+                deadline = time.monotonic() + timeout
+                continue
+            if time.monotonic() >= deadline:
+                raise MachineError(f"console input: the guest has not read its console for "
+                                   f"{timeout:g} s; {len(data) - len(left)} of {len(data)} "
+                                   f"bytes typed")
+            time.sleep(0.01)
+        return len(data)
 
     def _set_lint(self, vcpu: K.Vcpu) -> None:
         """LINT0 as ExtINT (the PIC) and LINT1 as NMI, as a BIOS leaves them."""
@@ -660,6 +686,15 @@ class Machine:
         if self.status == STATUS_PAUSED:
             self.resume()
         return {}
+
+    def _cmd_console_input(self, args: dict) -> dict:
+        data = args.get("data")
+        if not isinstance(data, str):
+            raise MachineError('console-input needs "data": the text to type (a string)')
+        timeout = args.get("timeout_s", CONSOLE_INPUT_TIMEOUT_S)
+        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
+            raise MachineError('console-input: "timeout_s" must be a number >= 0')
+        return {"bytes": self.console_input(data.encode(), timeout)}
 
     def _cmd_quit(self, args: dict) -> dict:
         threading.Thread(target=self.request_shutdown, args=("quit",), daemon=True).start()

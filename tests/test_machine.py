@@ -199,6 +199,17 @@ def test_linux_control_socket(linux_guest, tmp_path):
 
 
 @linux
+def test_linux_console_input_command(linux_guest, tmp_path):
+    path = str(tmp_path / "hv.sock")
+    mark = linux_guest.console.mark()
+    with control.ControlServer(path, linux_guest.commands), control.ControlClient(path) as c:
+        assert c.execute("console-input", data="echo typed-$((3*4))\n") == {"bytes": 20}
+        linux_guest.console.wait_for("typed-12", 60, mark)
+        with pytest.raises(control.ControlError, match="data"):
+            c.execute("console-input")
+
+
+@linux
 def test_linux_state_restores_into_new_machine(linux_guest, linux_images):
     kernel, initrd = linux_images
     linux_guest.pause()
@@ -243,6 +254,25 @@ def test_dirty_logging_and_ring():
     assert words.any()
     m.set_dirty_logging(False)
     m.close()
+
+
+def test_console_input_fills_the_uart_fifo():
+    from hv.devices.uart import RX_CAPACITY
+    m, console = tiny(PVH_IDLE)
+    try:
+        assert m.commands["console-input"]({"data": "ls\n"}) == {"bytes": 3}
+        assert bytes(m.serial.rx) == b"ls\n"
+        assert m.commands["console-input"]({"data": "\u00e9"}) == {"bytes": 2}  # UTF-8
+        # nobody reads the FIFO: what fits is typed, then a clear error
+        with pytest.raises(MachineError, match="has not read its console"):
+            m.commands["console-input"]({"data": "x" * RX_CAPACITY, "timeout_s": 0.1})
+        assert len(m.serial.rx) == RX_CAPACITY
+        assert not m.serial.lsr & 0x02            # no overrun reported to the guest
+        for bad in ({}, {"data": 5}, {"data": "a", "timeout_s": -1}):
+            with pytest.raises(MachineError, match="console-input"):
+                m.commands["console-input"](bad)
+    finally:
+        m.close()
 
 
 def test_stop_before_start_keeps_vcpus_paused():

@@ -122,6 +122,11 @@ class Serial(Device):
             self._update_irq()
             return len(taken)
 
+    def rx_room(self) -> int:
+        """How many bytes enqueue() would take now without an overrun."""
+        with self.lock:
+            return 0 if self.mcr & MCR_LOOP else max(RX_CAPACITY - len(self.rx), 0)
+
     def _emit(self, byte: int) -> None:
         data = bytes([byte])
         for listener in list(self.listeners):
