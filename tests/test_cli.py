@@ -154,3 +154,27 @@ def test_guest_reboot_ends_run_guest(linux_images):
     assert r.returncode == 1            # no exit status line: the guest rebooted
     assert b"Traceback" not in r.stderr
     assert time.monotonic() - t0 < 300
+
+
+def test_harness_types_through_console_input(tmp_path):
+    """hv.migration.harness.Guest.type() uses the control socket's console-input
+    when it knows the socket, the process's stdin otherwise."""
+    from hv.migration import harness as H
+    typed = []
+    path = str(tmp_path / "ctl.sock")
+    srv = control.ControlServer(path, {"console-input": lambda a: typed.append(a["data"])})
+    echo = [sys.executable, "-c",
+            "import sys; print('got', sys.stdin.readline().strip(), flush=True)"]
+    g = H.Guest("ctl", None, echo, str(tmp_path), control_path=path)
+    s = H.Guest("stdin", None, echo, str(tmp_path))
+    try:
+        g.type("verify\n")
+        assert typed == ["verify\n"]
+        s.type("verify\n")
+        assert s.wait_line("got ", 20) == "got verify"
+    finally:
+        g.proc.stdin.close()
+        g.stop()
+        s.stop()
+        srv.close()
+    assert H.verify_ok("hvmem: verify ok\r") and not H.verify_ok("hvmem: verify okay")

@@ -1,6 +1,7 @@
 """Helpers for scripts that drive run-guest processes (migrate-between-hosts,
-bench-migration): a guest process with its console collected and typed into,
-the control client with retries, the guest workload command."""
+bench-migration): a guest process with its console collected and typed into
+(console-input on its control socket, or its stdin), the control client with
+retries, the guest workload command, verify_ok(line) for hvmem's check."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import subprocess
 import sys
 import threading
 import time
+
+#: hvmem hold's answer to "verify" when every byte it holds is intact (a line)
+VERIFY_OK = "hvmem: verify ok"
 
 #: run-guest in this interpreter (hv.cli's extensions register on import).
 RUN_GUEST = [sys.executable, "-c", "import sys; from hv.cli import main; sys.exit(main())"]
@@ -40,10 +44,16 @@ def in_netns(ns: str | None):
 
 
 class Guest:
-    """A run-guest process in a namespace; its console output collected."""
+    """A run-guest process in a namespace; its console output collected.
 
-    def __init__(self, name: str, ns: str | None, argv: list[str], logdir: str):
+    type() goes through the control socket's console-input command when
+    control_path (the process's --control socket) is given, else to the
+    process's stdin (QEMU's serial on stdio)."""
+
+    def __init__(self, name: str, ns: str | None, argv: list[str], logdir: str,
+                 control_path: str | None = None):
         self.name = name
+        self.control_path = control_path
         self.out = bytearray()
         self.cond = threading.Condition()
         self.logf = open(os.path.join(logdir, f"{name}.log"), "wb")
@@ -103,6 +113,10 @@ class Guest:
         return bytes(self.out[-n:]).decode(errors="replace")
 
     def type(self, text: str) -> None:
+        if self.control_path is not None:
+            with control(self.control_path, 10) as c:
+                c.execute("console-input", data=text)
+            return
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
 
@@ -118,6 +132,12 @@ class Guest:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self.logf.close()
+
+
+def verify_ok(line: str) -> bool:
+    """Whether a console line (Guest.wait_line) is hvmem's verify success,
+    the whole line, not a prefix of it."""
+    return line.strip() == VERIFY_OK
 
 
 def control(path: str, timeout: float = 60.0):
