@@ -3,6 +3,7 @@
     run-guest                                  interactive console (Ctrl-A X quits)
     run-guest --exec 'uname -a; exit 3'        run a command, exit with its status
     run-guest --mem 256 --balloon --control /tmp/hv.sock --verbose
+    run-guest --balloon --balloon-opt reporting=off --balloon-opt stats_interval_s=5
 
 Exit status: the --exec command's status; otherwise 0 when the guest powers
 off or reboots, 1 when it fails (KVM internal error, the command's status
@@ -81,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--append", metavar="ARGS", default="",
                    help="extra kernel command line arguments")
     g.add_argument("--balloon", action="store_true", help="add a virtio-balloon device")
+    g.add_argument("--balloon-opt", metavar="KEY=VALUE", action="append", default=[],
+                   type=_balloon_opt, dest="balloon_opts",
+                   help="configure the balloon (repeatable; needs --balloon): "
+                        "reporting, hint, bitmap, stats, poison, deflate_on_oom, "
+                        "must_tell_host = on|off; stats_interval_s = seconds (0: no polling)")
+    g.add_argument("--balloon-reporting", choices=["on", "off"], default=None,
+                   help="same as --balloon-opt reporting=on|off (default on). Reported "
+                        "pages are discarded on the host and read as zero, so a migration "
+                        "then finds them as zero pages even with free_pages \"off\"; turn "
+                        "it off to compare free-page skipping with a VMM that does not "
+                        "report (QEMU's default)")
     r = p.add_argument_group("running")
     r.add_argument("--exec", metavar="CMD", dest="exec_cmd",
                    help="run CMD in the guest with sh -c, print its output, exit with "
@@ -93,6 +105,25 @@ def build_parser() -> argparse.ArgumentParser:
         if ext.add_arguments:
             ext.add_arguments(p)
     return p
+
+
+def _balloon_opt(text: str) -> tuple[str, object]:
+    """argparse type of --balloon-opt: KEY=VALUE, checked against the balloon's options."""
+    from .devices.virtio.balloon import balloon_options
+    try:
+        return next(iter(balloon_options([text]).items()))
+    except HvError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def balloon_options(args) -> dict:
+    """MachineConfig.balloon_options from --balloon-reporting and --balloon-opt
+    (the later --balloon-opt wins)."""
+    options: dict = {}
+    if getattr(args, "balloon_reporting", None) is not None:
+        options["reporting"] = args.balloon_reporting == "on"
+    options.update(getattr(args, "balloon_opts", None) or [])
+    return options
 
 
 def _default_images(args) -> tuple[str, str | None]:
@@ -190,7 +221,8 @@ def run(args) -> int:
                   base64.b64encode(args.exec_cmd.encode()).decode()).strip()
     t0 = time.monotonic()
     m = Machine(MachineConfig(mem_mib=args.mem, kernel=kernel, initrd=initrd, append=append,
-                              balloon=args.balloon, console=sys.stdout.buffer))
+                              balloon=args.balloon, console=sys.stdout.buffer,
+                              balloon_options=balloon_options(args) if args.balloon else {}))
     watch = ConsoleWatch()
     m.console_listeners.append(watch)
     server = ControlServer(args.control, m.commands) if args.control else None
@@ -249,6 +281,8 @@ def main(argv=None) -> int:
     _load_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.balloon_opts and not args.balloon:
+        parser.error("--balloon-opt needs --balloon")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="hv: %(message)s")
     try:

@@ -112,11 +112,26 @@ class MachineConfig:
     dirty_ring_bytes: int = 0
     #: the kernel command line without the devices' entries (None: the default)
     cmdline: str | None = None
+    #: Balloon(...) keyword arguments, by name or alias with typed or string
+    #: values: {"reporting": "off", "hint": False, "stats_interval_s": 5}
     balloon_options: dict = field(default_factory=dict)
 
 
 class MachineError(HvError):
     pass
+
+
+def _balloon_kwargs(config: MachineConfig) -> dict:
+    """config.balloon_options checked and typed (MachineError names a bad one)."""
+    try:
+        from .devices.virtio.balloon import balloon_options
+        from .devices.virtio.balloon_defs import BalloonError
+    except ImportError:
+        return {}
+    try:
+        return balloon_options(config.balloon_options)
+    except BalloonError as e:
+        raise MachineError(str(e)) from None
 
 
 class KvmIrqLine(IrqLine):
@@ -138,6 +153,7 @@ class Machine:
                                f"between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB")
         if config.vcpus != 1:
             raise MachineError("hv runs guests with one vCPU")
+        self._balloon_kwargs = _balloon_kwargs(config) if config.balloon else {}
         self.kvm = K.Kvm()
         K.install_kick_handler()
         self.memory = GuestMemory(config.mem_mib * MIB)
@@ -300,7 +316,7 @@ class Machine:
         except ImportError as e:
             log.warning("no virtio-balloon: %s", e)
             return
-        self.balloon = Balloon(self.memory, **self.config.balloon_options)
+        self.balloon = Balloon(self.memory, **self._balloon_kwargs)
         self.add_virtio_mmio(self.balloon)
 
     def devices(self) -> list[Device]:

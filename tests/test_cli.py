@@ -30,6 +30,30 @@ def test_parser_has_the_options():
     assert p.parse_args([]).mem == 128
 
 
+def test_balloon_options(capsys):
+    p = cli.build_parser()
+    a = p.parse_args(["--balloon", "--balloon-opt", "reporting=off", "--balloon-opt",
+                      "hint=on", "--balloon-opt", "stats_interval_s=5"])
+    assert cli.balloon_options(a) == {"reporting": False, "free_page_hint": True,
+                                      "stats_interval_s": 5.0}
+    # the --balloon-reporting spelling goes the same way; a later --balloon-opt wins
+    a = p.parse_args(["--balloon", "--balloon-reporting", "off"])
+    assert cli.balloon_options(a) == {"reporting": False}
+    a = p.parse_args(["--balloon-reporting", "off", "--balloon-opt", "reporting=on"])
+    assert cli.balloon_options(a) == {"reporting": True}
+    assert cli.balloon_options(p.parse_args([])) == {}
+    for argv, msg in ((["--balloon", "--balloon-opt", "colour=red"],
+                       "unknown balloon option 'colour'; known: "),
+                      (["--balloon", "--balloon-opt", "reporting=maybe"], "is not on or off"),
+                      (["--balloon", "--balloon-opt", "stats_interval_s=-1"], "number >= 0"),
+                      (["--balloon", "--balloon-opt", "reporting"], "is not KEY=VALUE"),
+                      (["--balloon-opt", "reporting=off"], "needs --balloon")):
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and msg in err and "Traceback" not in err, err
+
+
 def test_extension_hook(monkeypatch):
     calls = []
     monkeypatch.setattr(cli, "_extensions", [])

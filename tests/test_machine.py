@@ -137,6 +137,24 @@ def test_balloon_and_virtio_window():
     m.close()
 
 
+def test_balloon_options_reach_the_device():
+    from hv.devices.virtio.balloon_defs import F_FREE_PAGE_HINT, F_REPORTING, F_STATS_VQ
+    m, console = tiny(balloon=True, balloon_options={"reporting": "off", "hint": False,
+                                                     "stats_interval_s": "2.5"})
+    try:
+        if m.balloon is None:
+            pytest.skip("virtio-balloon not available")
+        f = m.balloon.features()
+        assert not f >> F_REPORTING & 1 and not f >> F_FREE_PAGE_HINT & 1
+        assert f >> F_STATS_VQ & 1
+        assert m.balloon.stats_interval_s == 2.5
+    finally:
+        m.close()
+    with pytest.raises(MachineError, match="unknown balloon option 'nope'.*reporting"):
+        Machine(MachineConfig(mem_mib=16, kernel=PVH, balloon=True,
+                              balloon_options={"nope": 1}))
+
+
 def test_internal_error_report_names_registers():
     m, console = tiny()
     m.boot()

@@ -26,18 +26,10 @@ def add_arguments(parser) -> None:
                    help="give up when the source sends nothing for SEC seconds (default 60)")
     g.add_argument("--incoming-require-verify", action="store_true",
                    help="refuse a migration that does not carry page hashes (VERIFY)")
-    g.add_argument("--balloon-reporting", choices=["on", "off"], default="on",
-                   help="offer free page reporting on the balloon (default on). Reported "
-                        "pages are discarded on the host and read as zero, so a migration "
-                        "then finds them as zero pages even with free_pages \"off\"; turn "
-                        "it off to compare free-page skipping with a VMM that does not "
-                        "report (QEMU's default)")
 
 
 def setup(args, machine) -> bool:
     install(machine)
-    if getattr(args, "balloon_reporting", "on") == "off":
-        _no_reporting(machine)
     uri = getattr(args, "incoming", None)
     if not uri:
         return False
@@ -46,16 +38,6 @@ def setup(args, machine) -> bool:
              accept_timeout=args.incoming_timeout,
              require_verify=args.incoming_require_verify)
     return True
-
-
-def _no_reporting(machine) -> None:
-    """Withdraw VIRTIO_BALLOON_F_REPORTING from the balloon's offer (before
-    the guest negotiates; the device keeps its offer in _offer)."""
-    b = getattr(machine, "balloon", None)
-    if b is None or not hasattr(b, "_offer"):
-        return
-    from ..devices.virtio.balloon_defs import F_REPORTING
-    b._offer &= ~(1 << F_REPORTING)
 
 
 def _register() -> None:

@@ -66,6 +66,59 @@ def _ranges(pfns: np.ndarray):
         yield int(pfns[s]), int(e - s)
 
 
+#: Balloon(...) keyword arguments configurable by name (run-guest --balloon-opt
+#: KEY=VALUE, MachineConfig.balloon_options), with their short spellings.
+OPTION_TYPES = {"deflate_on_oom": bool, "stats": bool, "free_page_hint": bool,
+                "reporting": bool, "page_poison": bool, "free_page_bitmap": bool,
+                "must_tell_host": bool, "stats_interval_s": float}
+OPTION_ALIASES = {"hint": "free_page_hint", "bitmap": "free_page_bitmap",
+                  "poison": "page_poison", "oom": "deflate_on_oom"}
+_TRUE, _FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
+
+
+def option_names() -> list[str]:
+    return sorted(OPTION_TYPES) + sorted(OPTION_ALIASES)
+
+
+def balloon_option(key: str, value) -> tuple[str, object]:
+    """One balloon option by name (or alias) -> (Balloon keyword, typed value).
+    value is a string ("on"/"off", "2.5") or already a bool/number. Raises
+    BalloonError naming the known options or the accepted values."""
+    name = OPTION_ALIASES.get(key, key)
+    kind = OPTION_TYPES.get(name)
+    if kind is None:
+        raise BalloonError(f"unknown balloon option {key!r}; known: "
+                           + ", ".join(option_names()))
+    if kind is bool:
+        if isinstance(value, bool):
+            return name, value
+        v = str(value).strip().lower()
+        if v in _TRUE or v in _FALSE:
+            return name, v in _TRUE
+        raise BalloonError(f"balloon option {key}: {value!r} is not on or off")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if isinstance(value, bool) or not number >= 0 or number == float("inf"):
+        raise BalloonError(f"balloon option {key}: {value!r} is not a number >= 0")
+    return name, number
+
+
+def balloon_options(options) -> dict:
+    """Checked Balloon(...) keyword arguments from {key: value} or "KEY=VALUE" strings."""
+    if isinstance(options, dict):
+        pairs = list(options.items())
+    else:
+        pairs = []
+        for item in options:
+            key, sep, value = str(item).partition("=")
+            if not sep or not key.strip():
+                raise BalloonError(f"balloon option {item!r} is not KEY=VALUE")
+            pairs.append((key.strip(), value.strip()))
+    return dict(balloon_option(k, v) for k, v in pairs)
+
+
 class Balloon(VirtioDevice):
     device_id = VIRTIO_ID_BALLOON
     name = "balloon"
