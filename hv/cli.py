@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "then finds them as zero pages even with free_pages \"off\"; turn "
                         "it off to compare free-page skipping with a VMM that does not "
                         "report (QEMU's default)")
+    g.add_argument("--dirty-ring", metavar="BYTES", type=_bytes, default=0,
+                   help="per-vCPU KVM dirty ring of BYTES (a power of two from 4096 to "
+                        "KVM's maximum, K/M suffixes allowed; default 0: off) so that "
+                        "migrate can use \"dirty_log\": \"ring\"")
     r = p.add_argument_group("running")
     r.add_argument("--exec", metavar="CMD", dest="exec_cmd",
                    help="run CMD in the guest with sh -c, print its output, exit with "
@@ -105,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
         if ext.add_arguments:
             ext.add_arguments(p)
     return p
+
+
+def _bytes(text: str) -> int:
+    """argparse type of a byte count: 65536, 0x10000, 64K, 64KiB, 1M."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(t[-1:], 1)
+    if scale != 1:
+        t = t[:-1]
+    try:
+        value = int(t, 0) * scale
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (like 65536 or 64K)")
+    return value
 
 
 def _balloon_opt(text: str) -> tuple[str, object]:
@@ -222,7 +241,8 @@ def run(args) -> int:
     t0 = time.monotonic()
     m = Machine(MachineConfig(mem_mib=args.mem, kernel=kernel, initrd=initrd, append=append,
                               balloon=args.balloon, console=sys.stdout.buffer,
-                              balloon_options=balloon_options(args) if args.balloon else {}))
+                              balloon_options=balloon_options(args) if args.balloon else {},
+                              dirty_ring_bytes=args.dirty_ring))
     watch = ConsoleWatch()
     m.console_listeners.append(watch)
     server = ControlServer(args.control, m.commands) if args.control else None

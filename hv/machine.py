@@ -108,7 +108,8 @@ class MachineConfig:
     #: binary stream receiving the guest's console output (None: listeners only)
     console: object = None
     vcpus: int = 1
-    #: per-vCPU dirty ring size in bytes (0: no ring, use KVM_GET_DIRTY_LOG)
+    #: per-vCPU dirty ring size in bytes (0: no ring, use KVM_GET_DIRTY_LOG); a
+    #: power of two from a page to KVM's maximum (migrate with "dirty_log": "ring")
     dirty_ring_bytes: int = 0
     #: the kernel command line without the devices' entries (None: the default)
     cmdline: str | None = None
@@ -119,6 +120,18 @@ class MachineConfig:
 
 class MachineError(HvError):
     pass
+
+
+#: the smallest dirty ring KVM takes: one page (and at least its reserved entries)
+DIRTY_RING_MIN_BYTES = 4096
+
+
+def check_dirty_ring_size(size: int, limit: int) -> bool:
+    """Whether size bytes is a per-vCPU dirty ring KVM can take: a power of two
+    (so a whole number of kvm_dirty_gfn entries), at least a page, at most
+    limit (KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING))."""
+    return (isinstance(size, int) and DIRTY_RING_MIN_BYTES <= size <= limit
+            and size & (size - 1) == 0 and size % K.DIRTY_GFN_DTYPE.itemsize == 0)
 
 
 def _balloon_kwargs(config: MachineConfig) -> dict:
@@ -165,7 +178,12 @@ class Machine:
         self.vm.create_irqchip()
         self.vm.create_pit2()
         if config.dirty_ring_bytes:
-            self.vm.enable_dirty_ring(config.dirty_ring_bytes)
+            try:
+                self._enable_dirty_ring(config.dirty_ring_bytes)
+            except BaseException:
+                self.vm.close()
+                self.kvm.close()
+                raise
         self.supported_cpuid = self.kvm.supported_cpuid()
         self.vcpus: list[K.Vcpu] = []
         self.cpuid_workarounds: list[str] = []
@@ -278,6 +296,24 @@ class Machine:
         wanted = list(dict.fromkeys(self.kvm.msr_index_list() + list(cpumod.boot_msrs())))
         readable = self.vcpus[0].get_msrs(wanted)
         return [i for i in wanted if i in readable]
+
+    def _enable_dirty_ring(self, size: int) -> None:
+        entry = K.DIRTY_GFN_DTYPE.itemsize
+        limit = max(self.vm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING),
+                    self.vm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING_ACQ_REL))
+        if limit <= 0:
+            raise MachineError("this KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING); "
+                               "leave the dirty ring off (0) and use the dirty bitmap")
+        if not check_dirty_ring_size(size, limit):
+            raise MachineError(
+                f"dirty ring of {size} bytes: give 0 (off) or a power of two from "
+                f"{DIRTY_RING_MIN_BYTES} to {limit} bytes (KVM's maximum here), i.e. "
+                f"{DIRTY_RING_MIN_BYTES // entry} to {limit // entry} entries of {entry} bytes")
+        try:
+            self.vm.enable_dirty_ring(size)
+        except K.KvmError as e:
+            raise MachineError(f"KVM refused a dirty ring of {size} bytes ({e}); try a "
+                               f"larger power of two, up to {limit}") from None
 
     def set_dirty_logging(self, enabled: bool) -> None:
         """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for slot 0."""

@@ -202,3 +202,64 @@ def test_harness_types_through_console_input(tmp_path):
         s.stop()
         srv.close()
     assert H.verify_ok("hvmem: verify ok\r") and not H.verify_ok("hvmem: verify okay")
+
+
+def test_dirty_ring_option_parses():
+    p = cli.build_parser()
+    assert p.parse_args([]).dirty_ring == 0
+    assert p.parse_args(["--dirty-ring", "64K"]).dirty_ring == 65536
+    assert p.parse_args(["--dirty-ring", "1MiB"]).dirty_ring == 1 << 20
+    assert p.parse_args(["--dirty-ring", "0x1000"]).dirty_ring == 4096
+
+
+@pytest.mark.kvm
+def test_dirty_ring_sizes_are_checked():
+    for size in ("1000", "2048", "2M"):
+        r = run_guest("--kernel", PVH, "--initrd", "", "--mem", "16", "--dirty-ring", size)
+        assert r.returncode == 2, r.stderr
+        assert b"power of two from 4096 to" in r.stderr and b"Traceback" not in r.stderr
+    r = run_guest("--kernel", PVH, "--initrd", "", "--mem", "16", "--dirty-ring", "lots")
+    assert r.returncode == 2 and b"not a byte count" in r.stderr
+
+
+@pytest.mark.kvm
+def test_run_guest_migrates_with_the_dirty_ring(tmp_path):
+    """run-guest --dirty-ring lets migrate use {"dirty_log": "ring"}."""
+    import socket
+    from hv.migration import harness as H
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--kernel", PVH_IDLE, "--initrd", "", "--mem", "16"]
+    ssock, dsock = str(tmp_path / "src.sock"), str(tmp_path / "dst.sock")
+    dst = H.Guest("dst", None, H.RUN_GUEST + common + [
+        "--control", dsock, "--incoming", f"tcp:127.0.0.1:{port}"], str(tmp_path))
+    src = H.Guest("src", None, H.RUN_GUEST + common + [
+        "--dirty-ring", "64K", "--control", ssock], str(tmp_path))
+    try:
+        src.wait_for("idle", 30)
+        dst.wait_for("waiting for an incoming migration", 30)
+        with H.control(dsock, 10) as d:       # no --dirty-ring there: refused
+            with pytest.raises(control.ControlError, match="dirty ring"):
+                d.execute("migrate", uri="tcp:127.0.0.1:1", dirty_log="ring")
+        q = {}
+        with H.control(ssock, 30) as c:
+            c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", dirty_log="ring",
+                      free_pages="off")
+            deadline = time.monotonic() + 60
+            try:
+                while (q := c.execute("query-migrate"))["status"] not in (
+                        "completed", "failed", "cancelled"):
+                    assert time.monotonic() < deadline, q
+                    time.sleep(0.05)
+            except ConnectionError:     # the source ends as soon as it is done
+                pass
+        assert q.get("status", "completed") == "completed", q
+        assert src.proc.wait(30) == 0, src.tail()
+        with H.control(dsock, 10) as d:
+            assert d.execute("query-status")["status"] == "running"
+            d.execute("quit")
+        assert dst.proc.wait(30) == 0
+    finally:
+        src.stop()
+        dst.stop()

@@ -170,10 +170,15 @@ class RingDirtyLog(KvmDirtyLog):
     A full ring (KVM_EXIT_DIRTY_RING_FULL) is harvested on the vCPU thread into
     the pending set, so nothing is lost between syncs."""
 
-    def start(self) -> None:
+    def __init__(self, machine):
+        super().__init__(machine)
+        # checked here so that the migrate command refuses at once
         if not getattr(self.vm, "dirty_ring_bytes", 0):
             raise MigrationError("dirty_log \"ring\" needs a machine created with a dirty ring "
-                                 "(KVM_CAP_DIRTY_LOG_RING is enabled before the vCPUs exist)")
+                                 "(run-guest --dirty-ring BYTES, MachineConfig.dirty_ring_bytes:"
+                                 " KVM_CAP_DIRTY_LOG_RING is enabled before the vCPUs exist)")
+
+    def start(self) -> None:
         self._pending = np.zeros(self.npages, dtype=bool)
         self._plock = threading.Lock()
         self._set_logging(True)
