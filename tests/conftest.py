@@ -12,7 +12,8 @@ linux_guest      ONE booted Linux guest (64 MiB) shared by the whole session:
                  (pause/resume is fine).
 Console          collects a guest's console bytes; wait_for(needle, timeout,
                  start=mark()) returns the text once needle has appeared
-                 (later bytes of the same line may still be arriving).
+                 (later bytes of the same line may still be arriving);
+                 wait_line(prefix, timeout, start) waits for the whole line.
 """
 
 from __future__ import annotations
@@ -85,6 +86,24 @@ class Console:
                     raise TimeoutError(f"{needle!r} not seen in {timeout} s; console tail:\n{tail}")
                 self._cond.wait(left)
             return self._buf[start:].decode(errors="replace")
+
+    def wait_line(self, prefix: str, timeout: float, start: int = 0) -> str:
+        """Wait for a whole line starting with prefix after byte offset start
+        (its end of line included); return it without the line end."""
+        deadline = time.monotonic() + timeout
+        raw = prefix.encode()
+        with self._cond:
+            while True:
+                i = self._buf.find(raw, start)
+                end = self._buf.find(b"\n", i) if i >= 0 else -1
+                if end >= 0:
+                    return self._buf[i:end].decode(errors="replace").rstrip("\r")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    tail = self._buf[-2000:].decode(errors="replace")
+                    raise TimeoutError(f"no whole line {prefix!r}... in {timeout} s; "
+                                       f"console tail:\n{tail}")
+                self._cond.wait(left)
 
 
 @pytest.fixture(scope="session")

@@ -357,7 +357,7 @@ def test_boot_under_qemu(built_images):
     assert "a  b c\n" in out
     assert "hvmem: filled 8 MiB\nhvmem: freed\n" in out
     assert "seen: hvmem: hold 4 MiB checksum=" in out
-    assert "seen: hvmem: verify ok" in out
+    assert "seen: hvmem: verify ok\n" in out          # the whole line
     assert "hv-guest: exit-status 3" in out
     # isa-debug-exit: QEMU exits with (0 << 1) | 1 when the guest powers off.
     assert r.returncode == 1, (r.returncode, r.stderr)

@@ -1,9 +1,12 @@
 """Live migration of the Linux guest image (slow: one guest is booted for the
-whole module and migrated from machine to machine, once per free-page mode).
+whole module and migrated from machine to machine, once per free-page mode;
+a second one, booted for the dirtying test, runs a steady writer).
 
-The guest runs `hvmem fill FILL --free && exec hvmem hold KEEP`; after each
-migration "verify" is typed on the new machine's console and hvmem re-checks
-every byte it holds.
+The first guest runs `hvmem fill FILL --free && exec hvmem hold KEEP`; after
+each migration "verify" is typed on the new machine's console and hvmem
+re-checks every byte it holds. The second runs an interactive shell with
+`hvmem hold KEEP` and `hvmem dirty DIRTY RATE` in the background; SIGUSR1
+makes its hold verify.
 """
 
 import base64
@@ -12,6 +15,7 @@ import time
 
 import pytest
 
+from conftest import Console
 from hv.migration.protocol import MigrationError
 from hv.migration.receiver import listen, receive
 from hv.migration.sender import Migration, MigrationParams
@@ -20,41 +24,22 @@ pytestmark = [pytest.mark.kvm, pytest.mark.linux]
 
 MEM_MIB = 128
 KEEP_MIB, FILL_MIB = 8, 32
+HOLD_CMD = f"hvmem fill {FILL_MIB} --free && exec hvmem hold {KEEP_MIB}"
+VERIFY_OK = "hvmem: verify ok"
+# the dirtying guest: 8 MiB rewritten at 2000 pages/s (8 MiB/s), far below
+# what loopback carries, so the dirty rounds converge
+DIRTY_MIB, DIRTY_RATE = 8, 2000
+DOWNTIME_MS, MAX_ROUNDS = 300, 30
 
 
-class Console:
-    def __init__(self):
-        self.buf = bytearray()
-        self.cond = threading.Condition()
-
-    def __call__(self, data):
-        with self.cond:
-            self.buf += data
-            self.cond.notify_all()
-
-    def mark(self):
-        with self.cond:
-            return len(self.buf)
-
-    def wait_for(self, needle, timeout, start=0):
-        raw = needle.encode()
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while raw not in self.buf[start:]:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"{needle!r} not seen; tail: "
-                                       f"{bytes(self.buf[-800:]).decode(errors='replace')}")
-                self.cond.wait(left)
-            return self.buf[start:].decode(errors="replace")
-
-
-def new_machine(images, console, boot=False):
+def new_machine(images, console, boot=False, command=HOLD_CMD):
+    """A 128 MiB machine with a balloon; the guest runs command (hv.exec), or
+    an interactive shell when command is None."""
     from hv.machine import Machine, MachineConfig
     kernel, initrd = images
-    cmd = f"hvmem fill {FILL_MIB} --free && exec hvmem hold {KEEP_MIB}"
+    append = "hv.exec=" + base64.b64encode(command.encode()).decode() if command else ""
     m = Machine(MachineConfig(mem_mib=MEM_MIB, kernel=kernel, initrd=initrd, balloon=True,
-                              append="hv.exec=" + base64.b64encode(cmd.encode()).decode()))
+                              append=append))
     m.console_listeners.append(console)
     if boot:
         m.boot()
@@ -83,7 +68,7 @@ def guest(linux_images):
 
 
 def migrate(guest, verify=True, **params):
-    dst = new_machine(guest["images"], guest["console"])
+    dst = new_machine(guest["images"], guest["console"], command=guest.get("command", HOLD_CMD))
     lst = listen("tcp:127.0.0.1:0")
     port = lst.getsockname()[1]
     res = {}
@@ -111,14 +96,17 @@ def migrate(guest, verify=True, **params):
     return q, res
 
 
-def guest_verifies(guest):
+def verify_line(guest, trigger=b"verify\n"):
+    """Make hvmem hold check its memory (trigger: typed on the console);
+    return its whole answer line."""
     c = guest["console"]
     mark = c.mark()
-    guest["machine"].serial.enqueue(b"verify\n")
-    out = c.wait_for("hvmem: verify ", 120, mark)
-    # the rest of the line may still be on its way
-    line = c.wait_for("\n", 30, mark + out.index("hvmem: verify "))
-    return line.startswith("hvmem: verify ok")
+    guest["machine"].console_input(trigger)
+    return c.wait_line("hvmem: verify ", 120, mark)
+
+
+def guest_verifies(guest, trigger=b"verify\n"):
+    return verify_line(guest, trigger) == VERIFY_OK
 
 
 @pytest.mark.parametrize("mode", ["bitmap", "hint", "off"])
@@ -157,3 +145,71 @@ def test_cut_migration_leaves_linux_guest_running(guest):
     assert guest_verifies(guest)
     with pytest.raises(MigrationError):
         MigrationParams.from_args({"uri": "udp:1"})
+
+
+@pytest.fixture(scope="module")
+def dirty_guest(linux_images):
+    """A guest whose shell runs `hvmem hold KEEP` and `hvmem dirty DIRTY RATE`
+    in the background ($HOLD is hold's pid)."""
+    console = Console()
+    m = new_machine(linux_images, console, boot=True, command=None)
+    state = {"machine": m, "console": console, "images": linux_images, "old": [],
+             "command": None}
+    try:
+        console.wait_for("hv-guest: ready", timeout=900)
+        mark = console.mark()
+        m.console_input(f"hvmem hold {KEEP_MIB} </dev/null & HOLD=$!\n".encode())
+        console.wait_line(f"hvmem: hold {KEEP_MIB} MiB checksum=", 300, mark)
+        mark = console.mark()
+        m.console_input(f"hvmem dirty {DIRTY_MIB} {DIRTY_RATE} </dev/null & "
+                        f"DIRTY=$!\n".encode())
+        console.wait_line(f"hvmem: dirtying {DIRTY_MIB} MiB at {DIRTY_RATE} pages/s", 300,
+                          mark)
+        time.sleep(1)                 # let the writer get into its stride
+    except BaseException:
+        m.stop()
+        m.close()
+        raise
+    yield state
+    for x in state["old"] + [state["machine"]]:
+        try:
+            x.close()
+        except Exception:
+            pass
+
+
+# Unlimited, loopback converges during the bulk pass; at 16 MiB/s (twice the
+# dirty rate) the rest after the bulk pass does not fit the downtime at once.
+@pytest.mark.parametrize("max_bandwidth_mib", [0, 16])
+def test_linux_guest_migrates_while_dirtying(dirty_guest, max_bandwidth_mib):
+    q, res = migrate(dirty_guest, verify=False, free_pages="bitmap",
+                     downtime_ms=DOWNTIME_MS, max_rounds=MAX_ROUNDS,
+                     max_bandwidth_mib=max_bandwidth_mib)
+    rounds = q["rounds"]
+    print(f"\ndirtying {DIRTY_MIB} MiB at {DIRTY_RATE} pages/s, bandwidth "
+          f"{max_bandwidth_mib or 'unlimited'}: {q['status']}, "
+          f"{len(rounds)} rounds, pages {[r['pages'] for r in rounds]}, "
+          f"dirty {[r['dirty_pages'] for r in rounds]}, "
+          f"ms {[round(r['ms']) for r in rounds]}, downtime {q['downtime_ms']} ms "
+          f"(expected {q['expected_downtime_ms']} ms), total {q['total_time_ms']} ms, "
+          f"{q['throughput_mib_s']} MiB/s")
+    assert q["status"] == "completed", q
+    assert "error" not in res, res.get("error")
+    # What the sender promises: round 0 is the bulk pass and the last one the
+    # stop-and-copy; it paused either when the rest fitted the downtime at the
+    # measured rate or after max_rounds dirty rounds.
+    assert rounds[0]["round"] == 0 and rounds[-1].get("final")
+    dirty_rounds = len(rounds) - 2
+    assert 0 <= dirty_rounds <= MAX_ROUNDS
+    assert q["expected_downtime_ms"] <= DOWNTIME_MS or dirty_rounds == MAX_ROUNDS, q
+    assert q["downtime_ms"] > 0
+    # the writer ran during the migration: pages were sent again after the bulk pass
+    assert sum(r["pages"] for r in rounds[1:]) > 0, rounds
+
+    g = dirty_guest
+    assert g["machine"].status == "running"
+    c = g["console"]
+    mark = c.mark()
+    g["machine"].console_input(b"kill -0 $DIRTY && echo alive-$((6*7))\n")
+    assert c.wait_line("alive-42", 60, mark) == "alive-42"
+    assert verify_line(g, b"kill -USR1 $HOLD\n") == VERIFY_OK
