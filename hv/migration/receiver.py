@@ -38,12 +38,17 @@ class State(enum.Enum):
     FAILED = "failed"
 
 
-# The destination's (state, command) -> next state table, primary connection.
-TRANSITIONS = {
+# Every connection: HELLO, then pages.
+_PAGE_TRANSITIONS = {
     (State.WAIT_HELLO, Command.HELLO): State.MEMORY,
     (State.MEMORY, Command.MEMORY): State.MEMORY,
     (State.MEMORY, Command.ZERO): State.MEMORY,
     (State.MEMORY, Command.FILL): State.MEMORY,
+}
+
+# The destination's (state, command) -> next state table, primary connection.
+TRANSITIONS = {
+    **_PAGE_TRANSITIONS,
     (State.MEMORY, Command.STATE): State.STATE,
     (State.STATE, Command.VERIFY): State.STATE,
     (State.STATE, Command.COMPLETE): State.COMPLETE,
@@ -51,10 +56,7 @@ TRANSITIONS = {
 
 # Secondary connections (channel > 0) carry pages only.
 SECONDARY_TRANSITIONS = {
-    (State.WAIT_HELLO, Command.HELLO): State.MEMORY,
-    (State.MEMORY, Command.MEMORY): State.MEMORY,
-    (State.MEMORY, Command.ZERO): State.MEMORY,
-    (State.MEMORY, Command.FILL): State.MEMORY,
+    **_PAGE_TRANSITIONS,
     (State.MEMORY, Command.COMPLETE): State.COMPLETE,
 }
 
@@ -257,7 +259,9 @@ def listen(uri: str) -> socket.socket:
     return s
 
 
-def _tune(sock: socket.socket) -> None:
+def tune_socket(sock: socket.socket) -> None:
+    """A migration connection, either side: no Nagle delay, 4 MiB buffers
+    (best effort)."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
         try:
@@ -286,7 +290,7 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             if should_stop is not None and should_stop():
                 raise MigrationError("stopped while waiting for the incoming migration") \
                     from None
-    _tune(conn)
+    tune_socket(conn)
     conn.settimeout(timeout)
     log(f"incoming migration from {peer[0]}:{peer[1]}")
     stream = SocketStream(conn, timeout=timeout)
@@ -306,7 +310,7 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             except socket.timeout:
                 raise MigrationError(f"connection {i} of {rx.hello.channels} never came") \
                     from None
-            _tune(c)
+            tune_socket(c)
             c.settimeout(timeout)
             s2 = SocketStream(c, timeout=timeout)
             streams.append(s2)
@@ -382,4 +386,4 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
 
 
 __all__ = ["Receiver", "State", "TRANSITIONS", "incoming", "receive", "listen", "parse_uri",
-           "VERSION"]
+           "tune_socket", "VERSION"]

@@ -41,7 +41,7 @@ from . import pages
 from .protocol import (
     FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError, Ranges,
     SocketStream, cancel as cancel_msg, error as error_msg, state as state_msg)
-from .receiver import parse_uri
+from .receiver import parse_uri, tune_socket
 
 BATCH_PAGES = 2048          # pages per MEMORY message (8 MiB)
 CHUNK_PAGES = 16384         # bulk pass granularity (64 MiB)
@@ -187,11 +187,9 @@ class RingDirtyLog(KvmDirtyLog):
         VmmDirtyLog.start(self)
 
     def _harvest(self, vcpu) -> None:
-        entries = vcpu.harvest_dirty_ring()
-        if entries:
-            arr = np.array(entries, dtype=np.uint64).reshape(-1, 2)
-            offs = arr[:, 1][(arr[:, 0] == self.SLOT) & (arr[:, 1] < self.npages)]
-            self._pending[offs.astype(np.int64)] = True
+        slots, offsets = vcpu.harvest_dirty_ring_arrays()
+        offs = offsets[(slots == self.SLOT) & (offsets < self.npages)]
+        self._pending[offs.astype(np.int64)] = True
 
     def _on_full(self, vcpu) -> None:
         with self._plock:
@@ -403,12 +401,7 @@ class Migration:
             except OSError as e:
                 raise MigrationError(f"cannot connect to {host}:{port}: "
                                      f"{e.strerror or e}") from e
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-                try:
-                    sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-                except OSError:
-                    pass
+            tune_socket(sock)
             sock.settimeout(self.p.timeout_s)
             st_ = SocketStream(sock, PAGE_SIZE, self.p.timeout_s, rate)
             self.streams.append(st_)
