@@ -47,6 +47,15 @@ def new_machine(images, console, boot=False, command=HOLD_CMD):
     return m
 
 
+def close_all(state):
+    """Close every machine a module guest has run on."""
+    for x in state["old"] + [state["machine"]]:
+        try:
+            x.close()
+        except Exception:
+            pass
+
+
 @pytest.fixture(scope="module")
 def guest(linux_images):
     """{"machine": the machine the guest currently runs on, "console": ...}"""
@@ -60,11 +69,7 @@ def guest(linux_images):
         raise
     state = {"machine": m, "console": console, "images": linux_images, "old": []}
     yield state
-    for x in state["old"] + [state["machine"]]:
-        try:
-            x.close()
-        except Exception:
-            pass
+    close_all(state)
 
 
 def migrate(guest, verify=True, **params):
@@ -171,11 +176,7 @@ def dirty_guest(linux_images):
         m.close()
         raise
     yield state
-    for x in state["old"] + [state["machine"]]:
-        try:
-            x.close()
-        except Exception:
-            pass
+    close_all(state)
 
 
 # Unlimited, loopback converges during the bulk pass; at 16 MiB/s (twice the
