@@ -26,6 +26,10 @@ def add_arguments(parser) -> None:
                    help="give up when the source sends nothing for SEC seconds (default 60)")
     g.add_argument("--incoming-require-verify", action="store_true",
                    help="refuse a migration that does not carry page hashes (VERIFY)")
+    g.add_argument("--incoming-prefault", choices=["on", "off"], default="on",
+                   help="fault in all of guest RAM while waiting for the source, so pages "
+                        "arrive into mapped memory (default on); off keeps the destination's "
+                        "memory use to what the source sends")
 
 
 def setup(args, machine) -> bool:
@@ -36,7 +40,8 @@ def setup(args, machine) -> bool:
     from .receiver import incoming
     incoming(machine, uri, timeout=args.incoming_io_timeout,
              accept_timeout=args.incoming_timeout,
-             require_verify=args.incoming_require_verify)
+             require_verify=args.incoming_require_verify,
+             prefault=args.incoming_prefault == "on")
     return True
 
 

@@ -346,7 +346,8 @@ def _resume_machine(machine) -> None:
 
 
 def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float | None = None,
-             require_verify: bool = False, verbose: bool = True, on_listening=None) -> dict:
+             require_verify: bool = False, verbose: bool = True, on_listening=None,
+             prefault: bool = True) -> dict:
     """Receive a migrating guest into `machine` (created, not booted).
 
     Listens on uri (tcp:HOST:PORT), accepts the source's connection(s),
@@ -354,6 +355,12 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
     and starts its vCPUs, and answers RUNNING. Returns statistics. Raises
     MigrationError (an HvError: the CLI prints it and exits non-zero) when
     the stream is malformed or the connection drops; nothing is resumed then.
+
+    With prefault, a thread faults in all of guest RAM while the receiver
+    waits for the source (like QEMU's -mem-prealloc), so that page data later
+    lands in memory that is already mapped instead of paying a page fault per
+    page on the critical path; the cost is that the destination holds all of
+    guest RAM at once, free pages included.
     """
     def log(msg):
         if verbose:
@@ -365,6 +372,13 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
         except AttributeError:
             pass
     listener = listen(uri)
+    stop_prefault = threading.Event()
+    prefaulter = None
+    populate = getattr(machine.memory, "populate", None)
+    if prefault and populate is not None:
+        prefaulter = threading.Thread(target=populate, args=(stop_prefault,),
+                                      name="hv-prefault", daemon=True)
+        prefaulter.start()
     try:
         host, port = listener.getsockname()[:2]
         log(f"waiting for an incoming migration on {host}:{port}")
@@ -377,6 +391,9 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
                      should_stop=lambda: getattr(machine, "status", None) == "shutdown")
     finally:
         listener.close()
+        stop_prefault.set()
+        if prefaulter is not None:
+            prefaulter.join()
     stats = dict(rx.stats)
     stats["verified"] = rx.verified
     stats["total_ms"] = round((time.monotonic() - t0) * 1000, 3)
