@@ -300,6 +300,25 @@ static ssize_t send_iov(int fd, struct iovec *iov, int cnt)
     return r;
 }
 
+/* Step over n transferred bytes of iov[0..cnt): drop the vectors done, trim
+ * the one partly done. */
+static void iov_advance(struct iovec **iovp, int *cntp, size_t n)
+{
+    struct iovec *iov = *iovp;
+    int cnt = *cntp;
+    while (cnt > 0 && n >= iov->iov_len) {
+        n -= iov->iov_len;
+        iov++;
+        cnt--;
+    }
+    if (cnt > 0 && n) {
+        iov->iov_base = (uint8_t *)iov->iov_base + n;
+        iov->iov_len -= n;
+    }
+    *iovp = iov;
+    *cntp = cnt;
+}
+
 /* Write all of iov[0..cnt), advancing over partial writes. */
 static int writev_all(int fd, struct iovec *iov, int cnt, uint64_t *sent, int timeout_ms)
 {
@@ -318,16 +337,7 @@ static int writev_all(int fd, struct iovec *iov, int cnt, uint64_t *sent, int ti
         }
         if (sent)
             *sent += (uint64_t)r;
-        size_t left = (size_t)r;
-        while (cnt > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0 && left) {
-            iov->iov_base = (uint8_t *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+        iov_advance(&iov, &cnt, (size_t)r);
     }
     return 0;
 }
@@ -351,16 +361,7 @@ static int readv_all(int fd, struct iovec *iov, int cnt, uint64_t *got, int time
             return -ECONNRESET;
         if (got)
             *got += (uint64_t)r;
-        size_t left = (size_t)r;
-        while (cnt > 0 && left >= iov->iov_len) {
-            left -= iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0 && left) {
-            iov->iov_base = (uint8_t *)iov->iov_base + left;
-            iov->iov_len -= left;
-        }
+        iov_advance(&iov, &cnt, (size_t)r);
     }
     return 0;
 }

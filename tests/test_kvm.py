@@ -11,24 +11,14 @@ from hv import kvm as K
 from hv._kvm import lib
 from hv.memory import GuestMemory
 
+from tinyguest import flat32  # noqa: E402
+
 pytestmark = pytest.mark.kvm
 
 MEM = 4 << 20
 LOAD = 0x1000
 
 
-def flat32(vcpu):
-    """32-bit protected mode, flat 4 GiB segments, paging off."""
-    s = vcpu.get_sregs()
-    code = dict(base=0, limit=0xffffffff, selector=0x10, type=11, present=1, dpl=0,
-                db=1, s=1, l=0, g=1, avl=0, unusable=0)
-    data = dict(code, selector=0x18, type=3)
-    s["cs"] = code
-    for seg in ("ds", "es", "fs", "gs", "ss"):
-        s[seg] = dict(data)
-    s["cr0"] |= 1
-    vcpu.set_sregs(s)
-    vcpu.set_regs({"rip": LOAD, "rflags": 2, "rsp": 0x8000})
 
 
 @pytest.fixture

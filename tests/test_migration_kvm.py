@@ -27,6 +27,8 @@ from hv.memory import PAGE_SIZE
 from hv.migration.receiver import listen, receive
 from hv.migration.sender import Migration, MigrationParams
 
+from tinyguest import flat32  # noqa: E402
+
 pytestmark = pytest.mark.kvm
 
 LOAD = 0x1000
@@ -35,17 +37,6 @@ CODE = bytes.fromhex("be00001000" "31c9" "41" "89c8" "25ff030000" "c1e00c" "890c
 MEM_MIB = 32
 
 
-def flat32(vcpu):
-    s = vcpu.get_sregs()
-    code = dict(base=0, limit=0xffffffff, selector=0x10, type=11, present=1, dpl=0,
-                db=1, s=1, l=0, g=1, avl=0, unusable=0)
-    data = dict(code, selector=0x18, type=3)
-    s["cs"] = code
-    for seg in ("ds", "es", "fs", "gs", "ss"):
-        s[seg] = dict(data)
-    s["cr0"] |= 1
-    vcpu.set_sregs(s)
-    vcpu.set_regs({"rip": LOAD, "rflags": 2, "rsp": 0x8000})
 
 
 def make_machine(**kw):
