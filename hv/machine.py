@@ -78,6 +78,9 @@ STATE_VERSION = 1
 CONSOLE_INPUT_TIMEOUT_S = 5.0
 
 
+_IO_EXITS = (K.IoOut, K.IoIn, K.MmioWrite, K.MmioRead)
+
+
 def _fit(data: bytes, size: int) -> bytes:
     """A device's read answer cut or padded (with 0xff) to the access size."""
     if len(data) == size:
@@ -516,11 +519,20 @@ class Machine:
 
     def _vcpu_loop(self, index: int, vcpu: K.Vcpu) -> None:
         pio, mmio, counts = self.pio, self.mmio, self.exit_counts
+        # KVM finishes an I/O or MMIO instruction only when KVM_RUN is entered
+        # again, and that pending part is in no state userspace can save. So
+        # before pausing after such an exit, re-enter once with immediate_exit
+        # set: KVM completes the access and returns at once, without running
+        # guest code, and a saved state never replays the access.
+        pending_io = False
         while True:
             with self._cond:
                 while True:
                     if self._want == STATUS_SHUTDOWN:
                         return
+                    if self._want == STATUS_PAUSED and pending_io:
+                        vcpu.set_immediate_exit(True)
+                        break
                     if self._want == STATUS_PAUSED:
                         self._in_run[index] = False
                         if self._status != STATUS_PAUSED:
@@ -534,6 +546,7 @@ class Machine:
             ex = vcpu.run()
             kind = type(ex)
             counts[kind.__name__] += 1
+            pending_io = kind in _IO_EXITS
             if kind is K.IoOut:
                 port, size = ex.port, ex.size
                 self.io_counts[port] += 1

@@ -306,3 +306,41 @@ def test_stop_before_start_keeps_vcpus_paused():
     assert m.status == "running"
     m.stop()
     m.close()
+
+
+def test_pause_completes_a_pending_port_read():
+    """KVM finishes an IN only on the next KVM_RUN; pause() must get it done so
+    that the saved state neither replays the read nor loses its value."""
+    from hv.devices import Device
+    from tinyguest import LOAD, flat32
+
+    class Counter(Device):
+        name = "counter"
+        reads = 0
+
+        def read(self, offset, size):
+            self.reads += 1
+            return self.reads.to_bytes(4, "little")[:size]
+
+    # mov dx, 0x10; loop: in eax, dx; jmp loop
+    code = bytes.fromhex("66ba1000" "ed" "ebfd")
+    m = Machine(MachineConfig(mem_mib=16))
+    dev = Counter()
+    m.pio.register(0x10, 1, dev)
+    m.memory.write(LOAD, code)
+    flat32(m.vcpus[0])
+    m.start()
+    try:
+        for _ in range(50):
+            time.sleep(0.002)
+            m.pause()
+            regs = m.vcpus[0].get_regs()
+            # The last value handed out is in EAX: the IN completed (RIP is at
+            # the jmp, or back at the IN about to read again).
+            assert regs["rax"] & 0xffffffff == dev.reads
+            assert regs["rip"] in (LOAD + 4, LOAD + 5)
+            m.resume()
+        assert dev.reads > 50
+    finally:
+        m.stop()
+        m.close()

@@ -37,8 +37,6 @@ CODE = bytes.fromhex("be00001000" "31c9" "41" "89c8" "25ff030000" "c1e00c" "890c
 MEM_MIB = 32
 
 
-
-
 def make_machine(**kw):
     from hv.machine import Machine, MachineConfig
     return Machine(MachineConfig(mem_mib=MEM_MIB, **kw))
