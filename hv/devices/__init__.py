@@ -29,16 +29,10 @@ class IrqLine:
         self.set_level(False)
 
 
-class Device:
-    """Base of every device: a name, saved state, control commands."""
-
-    name = "device"
-
-    def read(self, offset: int, size: int) -> bytes:
-        return b"\xff" * size
-
-    def write(self, offset: int, data: bytes) -> None:
-        pass
+class DeviceModel:
+    """What every device model has: saved state as plain data, control
+    commands, and a close() for what it holds. Bus devices (Device) and virtio
+    devices (hv.devices.virtio.device.VirtioDevice) both build on it."""
 
     def save(self) -> dict:
         return {}
@@ -50,4 +44,16 @@ class Device:
         return {}
 
     def close(self) -> None:
+        pass
+
+
+class Device(DeviceModel):
+    """Base of every bus device: a name, a window of registers."""
+
+    name = "device"
+
+    def read(self, offset: int, size: int) -> bytes:
+        return b"\xff" * size
+
+    def write(self, offset: int, data: bytes) -> None:
         pass

@@ -26,8 +26,8 @@ acts from another thread (a control command) takes self.lock as well.
 from __future__ import annotations
 
 import threading
-from typing import Callable
 
+from .. import DeviceModel
 from .queue import Virtqueue, VirtioError
 
 __all__ = ["VirtioDevice", "Virtqueue", "VirtioError", "VIRTIO_F_VERSION_1"]
@@ -37,7 +37,7 @@ VIRTIO_F_ACCESS_PLATFORM = 33
 VIRTIO_F_RING_PACKED = 34
 
 
-class VirtioDevice:
+class VirtioDevice(DeviceModel):
     device_id = 0
     vendor_id = 0x554D4551  # "QEMU", what Linux and most VMMs show
     name = "virtio"
@@ -78,18 +78,6 @@ class VirtioDevice:
         self.acked_features = 0
         self.queues = []
         self.active = False
-
-    def save(self) -> dict:
-        return {}
-
-    def restore(self, state: dict) -> None:
-        pass
-
-    def commands(self) -> dict[str, Callable[[dict], object]]:
-        return {}
-
-    def close(self) -> None:
-        pass
 
     # -- what the device calls ------------------------------------------------
     def has_feature(self, bit: int) -> bool:
