@@ -37,16 +37,22 @@ def test_exec_arg_roundtrip(cmd):
     assert images.decode_exec_arg(value) == cmd
 
 
+def compile_tool_for_host(tmp_path_factory, name: str) -> str:
+    """A guest tool (guest-images/tools/NAME.c) built for the host with the
+    guest's flags (no libc)."""
+    if not shutil.which("gcc"):
+        pytest.skip("gcc not installed")
+    exe = str(tmp_path_factory.mktemp(name) / name)
+    subprocess.run(["gcc"] + images.TOOL_CFLAGS +
+                   ["-o", exe, os.path.join(images.SRC, "tools", name + ".c")],
+                   check=True)
+    return exe
+
+
 @pytest.fixture(scope="module")
 def host_init(tmp_path_factory):
     """The guest /init compiled for the host (it has a host-side mode)."""
-    if not shutil.which("gcc"):
-        pytest.skip("gcc not installed")
-    exe = str(tmp_path_factory.mktemp("init") / "init")
-    subprocess.run(["gcc"] + images.TOOL_CFLAGS +
-                   ["-o", exe, os.path.join(images.SRC, "tools", "init.c")],
-                   check=True)
-    return exe
+    return compile_tool_for_host(tmp_path_factory, "init")
 
 
 @pytest.mark.parametrize("cmd", TRICKY)
@@ -82,13 +88,7 @@ def test_init_finds_exec_in_cmdline(host_init):
 @pytest.fixture(scope="module")
 def host_hvmem(tmp_path_factory):
     """The guest's hvmem compiled for the host (same flags, no libc)."""
-    if not shutil.which("gcc"):
-        pytest.skip("gcc not installed")
-    exe = str(tmp_path_factory.mktemp("hvmem") / "hvmem")
-    subprocess.run(["gcc"] + images.TOOL_CFLAGS +
-                   ["-o", exe, os.path.join(images.SRC, "tools", "hvmem.c")],
-                   check=True)
-    return exe
+    return compile_tool_for_host(tmp_path_factory, "hvmem")
 
 
 def test_hvmem_on_host(host_hvmem):

@@ -24,9 +24,10 @@ import numpy as np
 import pytest
 
 from hv.memory import PAGE_SIZE
-from hv.migration.receiver import listen, receive
+from hv.migration.receiver import listen
 from hv.migration.sender import Migration, MigrationParams
 
+from loopback import migrate_over_loopback  # noqa: E402
 from tinyguest import flat32  # noqa: E402
 
 pytestmark = pytest.mark.kvm
@@ -62,33 +63,15 @@ def counter(m):
 
 
 def migrate_once(src, dst, snapshots, **params):
-    lst = listen("tcp:127.0.0.1:0")
-    port = lst.getsockname()[1]
-    res = {}
-
     def restore(state):
         snapshots["dst"] = dst.memory.array().copy()
         dst.restore_state(state)
-
-    def run():
-        try:
-            res["rx"] = receive(dst.memory, lst, restore, dst.start, timeout=30)
-        except Exception as e:
-            res["error"] = e
-        finally:
-            lst.close()
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
 
     def on_paused(m):
         snapshots["src"] = m.memory.array().copy()
         snapshots["src_counter"] = counter(m)
 
-    mig = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", on_paused=on_paused,
-                                         **params))
-    mig.run()
-    t.join(30)
-    return mig.query(), res
+    return migrate_over_loopback(src, dst, restore, timeout=30, on_paused=on_paused, **params)
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ import time
 import pytest
 
 from conftest import Console
+from loopback import migrate_over_loopback
 from hv.migration.protocol import MigrationError
-from hv.migration.receiver import listen, receive
+from hv.migration.receiver import listen
 from hv.migration.sender import Migration, MigrationParams
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux]
@@ -74,25 +75,8 @@ def guest(linux_images):
 
 def migrate(guest, verify=True, **params):
     dst = new_machine(guest["images"], guest["console"], command=guest.get("command", HOLD_CMD))
-    lst = listen("tcp:127.0.0.1:0")
-    port = lst.getsockname()[1]
-    res = {}
-
-    def run():
-        try:
-            res["rx"] = receive(dst.memory, lst, dst.restore_state, dst.start, timeout=60)
-        except Exception as e:
-            res["error"] = e
-        finally:
-            lst.close()
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
     src = guest["machine"]
-    mig = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", verify=verify,
-                                         **params))
-    mig.run()
-    t.join(60)
-    q = mig.query()
+    q, res = migrate_over_loopback(src, dst, timeout=60, verify=verify, **params)
     if q["status"] == "completed":
         guest["old"].append(src)
         guest["machine"] = dst

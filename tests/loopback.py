@@ -1,0 +1,29 @@
+"""Migrate one machine into another inside the test process, over loopback TCP."""
+
+import threading
+
+from hv.migration.receiver import listen, receive
+from hv.migration.sender import Migration, MigrationParams
+
+
+def migrate_over_loopback(src, dst, restore=None, timeout: float = 30, **params):
+    """Receive into dst on a thread while src migrates with params.
+    Returns (src's query-migrate statistics, {"rx": ...} or {"error": ...})."""
+    lst = listen("tcp:127.0.0.1:0")
+    port = lst.getsockname()[1]
+    res = {}
+
+    def run():
+        try:
+            res["rx"] = receive(dst.memory, lst, restore or dst.restore_state, dst.start,
+                                timeout=timeout)
+        except Exception as e:
+            res["error"] = e
+        finally:
+            lst.close()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    mig = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", **params))
+    mig.run()
+    t.join(timeout)
+    return mig.query(), res
