@@ -743,7 +743,9 @@ class Vcpu:
 
     # -- dirty ring ------------------------------------------------------------
     def harvest_dirty_ring_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Like harvest_dirty_ring() but as (slots, offsets) numpy arrays."""
+        """Like harvest_dirty_ring() but as (slots, offsets) numpy arrays. Safe
+        while the vCPU runs: entries are taken in KVM's push order from where
+        the last harvest stopped, up to the first one not yet published."""
         ring = self.dirty_ring
         if ring is None:
             return np.zeros(0, np.uint32), np.zeros(0, np.uint64)
@@ -759,6 +761,38 @@ class Vcpu:
         ring["flags"][idx] = lib.KVM_DIRTY_GFN_F_RESET
         self._ring_index += count
         return slots, offsets
+
+    def harvest_parked_dirty_ring(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Harvest the whole ring of a vCPU that is out of KVM_RUN (its own
+        thread, or any thread while it is parked): every published entry,
+        wherever it stands. Returns (slots, offsets, overflowed).
+
+        Some KVMs (the nested one hv's CI runs on, for writes its instruction
+        emulator makes) push past the soft limit and wrap, overwriting
+        entries nobody harvested; KVM then waits for a reset of an entry that
+        is already reset and exits with DIRTY_RING_FULL forever. Taking every
+        published entry and marking the whole ring harvested lets the next
+        KVM_RESET_DIRTY_RINGS catch up. overflowed says that every entry was
+        published: entries may have been overwritten, so the caller must take
+        every page as dirty. The in-order index is re-synchronised to KVM's
+        push position when the published entries form one run."""
+        ring = self.dirty_ring
+        if ring is None:
+            return np.zeros(0, np.uint32), np.zeros(0, np.uint64), False
+        n = len(ring)
+        flags = ring["flags"]
+        published = (flags & lib.KVM_DIRTY_GFN_F_DIRTY) != 0
+        idx = np.flatnonzero(published)
+        slots = ring["slot"][idx].copy()
+        offsets = ring["offset"][idx].copy()
+        overflowed = len(idx) == n
+        if 0 < len(idx) < n:
+            # run starts: published entries whose predecessor (cyclically) is not
+            starts = np.flatnonzero(published & ~np.roll(published, 1))
+            if len(starts) == 1:
+                self._ring_index = int(starts[0]) + len(idx)
+        ring["flags"][:] = lib.KVM_DIRTY_GFN_F_RESET
+        return slots, offsets, overflowed
 
     def harvest_dirty_ring(self) -> list[tuple[int, int]]:
         """Collect the (slot, page offset) entries KVM pushed to this vCPU's dirty

@@ -4,15 +4,28 @@ legacy devices, virtio-mmio devices, and the vCPU loop.
     m = Machine(MachineConfig(mem_mib=128, kernel=..., initrd=..., append=...))
     m.boot(); m.start(); m.wait()
 
-The vCPU loop is an explicit state machine run by one thread per vCPU:
+The run state, as QEMU names it:
 
-    prelaunch --start()--> running --pause()--> paused --resume()--> running
+    prelaunch --start()--> running --pause(owner)--> paused --resume(owner)--> running
+    inmigrate --(incoming migration restored)--> running
+    paused --a migration completed--> postmigrate   (the guest runs elsewhere;
+                                                      only quit is left)
         any --guest powers off / reboots / fails, stop()--> shutdown
 
-pause() sets kvm_run->immediate_exit and sends KICK_SIGNAL to the vCPU
-thread: KVM_RUN returns EINTR (after completing any pending I/O, so the vCPU
-state is consistent), the thread reports "paused" and waits. pause() returns
-once the vCPU is out of KVM_RUN, so save_state() sees a still guest.
+A pause has owners: "user" (the stop command) and "migration" (its final
+phase). The guest runs again only when every owner has resumed it, so a
+client's cont cannot undo a migration's pause (it is refused), and a user's
+stop during a migration survives the migration's resume. A pause that times
+out is rolled back.
+
+Each vCPU thread runs an explicit state machine. pause() sets
+kvm_run->immediate_exit and sends KICK_SIGNAL to the vCPU threads: KVM_RUN
+returns EINTR (after completing any pending I/O, so the vCPU state is
+consistent), each thread parks. Once all are parked, the devices quiesce
+(no device writes guest memory or raises an interrupt from its own thread)
+and guest memory is frozen against VMM writes; only then does pause()
+return, so a migration's last dirty harvest and save_state() see a still
+guest. resume() undoes both before the vCPUs run.
 
 Guest physical layout: RAM from 0 (one slot, at most 3 GiB, below the 32-bit
 hole), virtio-mmio windows from 0xd0000000 (4 KiB each, GSI 5, 6, ...),
@@ -72,6 +85,11 @@ STATUS_RUNNING = "running"
 STATUS_PAUSED = "paused"
 STATUS_SHUTDOWN = "shutdown"
 STATUS_INMIGRATE = "inmigrate"
+STATUS_POSTMIGRATE = "postmigrate"
+
+#: who holds a pause
+PAUSE_USER = "user"
+PAUSE_MIGRATION = "migration"
 
 STATE_VERSION = 1
 #: how long console input waits for the guest to make room in the UART FIFO
@@ -123,6 +141,12 @@ class MachineConfig:
 
 class MachineError(HvError):
     pass
+
+
+POSTMIGRATE_MESSAGE = ("the guest has migrated and runs on the destination; this source "
+                       "keeps it paused for good: only quit is left (status postmigrate)")
+MIGRATION_HOLDS_MESSAGE = ("a migration holds the guest paused while it sends the final "
+                           "state; wait for it to finish, or cancel it with migrate-cancel")
 
 
 #: the smallest dirty ring KVM takes: one page (and at least its reserved entries)
@@ -227,18 +251,24 @@ class Machine:
 
         # vCPU loop state
         self._cond = threading.Condition()
+        #: serialises pause/resume/postmigrate (they quiesce devices outside _cond)
+        self._lifecycle = threading.RLock()
         self._status = STATUS_PRELAUNCH
         self._want = STATUS_RUNNING
+        self._holds: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._in_run = [False] * len(self.vcpus)
+        self._parked = [False] * len(self.vcpus)
+        #: fn(new_status, reason) after every run-state change (any thread)
+        self.status_listeners: list[Callable[[str, str], None]] = []
         self.shutdown_reason: str | None = None
         self.error: str | None = None
         self.exit_counts: Counter = Counter()
         self.io_counts: Counter = Counter()
         self.started_at: float | None = None
         self.boot_result: bootmod.BootResult | None = None
-        #: called with the vCPU on KVM_EXIT_DIRTY_RING_FULL (migration sets it);
-        #: the default harvests the ring and resets it.
+        #: called on the vCPU's thread with the vCPU on KVM_EXIT_DIRTY_RING_FULL
+        #: (migration sets it); the default empties the ring and resets it.
         self.dirty_ring_full_handler: Callable[[K.Vcpu], None] | None = None
         self.on_shutdown: list[Callable[[str], None]] = []
 
@@ -280,9 +310,10 @@ class Machine:
                 deadline = time.monotonic() + timeout
                 continue
             if time.monotonic() >= deadline:
-                raise MachineError(f"console input: the guest has not read its console for "
-                                   f"{timeout:g} s; {len(data) - len(left)} of {len(data)} "
-                                   f"bytes typed")
+                why = ("the guest is paused" if self.serial.quiesced else
+                       f"the guest has not read its console for {timeout:g} s")
+                raise MachineError(f"console input: {why}; {len(data) - len(left)} of "
+                                   f"{len(data)} bytes typed")
             time.sleep(0.01)
         return len(data)
 
@@ -394,30 +425,54 @@ class Machine:
 
     @status.setter
     def status(self, value: str) -> None:
+        self._set_status(value, "")
+
+    def _set_status(self, value: str, reason: str) -> None:
         with self._cond:
+            changed = self._status != value
             self._status = value
             self._cond.notify_all()
+        if changed:
+            self._notify_status(value, reason)
+
+    def _notify_status(self, value: str, reason: str) -> None:
+        for fn in list(self.status_listeners):
+            try:
+                fn(value, reason)
+            except Exception:
+                log.exception("status listener failed")
 
     @property
     def started(self) -> bool:
         """Whether start() has run (the vCPU threads exist)."""
         return bool(self._threads)
 
-    def start(self) -> None:
-        """Run the vCPU thread(s)."""
+    @property
+    def pause_holders(self) -> frozenset[str]:
+        """Who holds the guest paused now (empty while it runs)."""
         with self._cond:
-            if self._threads:
-                raise MachineError("machine already started")
-            if self._status == STATUS_SHUTDOWN:
-                raise MachineError("machine is shut down")
-            self._want = STATUS_PAUSED if self._status == STATUS_PAUSED else STATUS_RUNNING
-            self._status = self._want
-        self.started_at = time.monotonic()
-        for i, v in enumerate(self.vcpus):
-            t = threading.Thread(target=self._vcpu_thread, args=(i, v), name=f"hv-vcpu{i}",
-                                 daemon=True)
-            self._threads.append(t)
-            t.start()
+            return frozenset(self._holds)
+
+    def start(self) -> None:
+        """Run the vCPU thread(s); they stay paused while anyone holds a pause."""
+        with self._lifecycle:
+            with self._cond:
+                if self._threads:
+                    raise MachineError("machine already started")
+                if self._status == STATUS_SHUTDOWN:
+                    raise MachineError("machine is shut down")
+                self._want = STATUS_PAUSED if self._holds else STATUS_RUNNING
+                self._parked = [bool(self._holds)] * len(self.vcpus)
+                self.started_at = time.monotonic()
+                for i, v in enumerate(self.vcpus):
+                    t = threading.Thread(target=self._vcpu_thread, args=(i, v),
+                                         name=f"hv-vcpu{i}", daemon=True)
+                    self._threads.append(t)
+            if self._holds:
+                self._quiesce_devices()
+            self._set_status(self._want, "start")
+            for t in self._threads:
+                t.start()
 
     def _kick(self) -> None:
         for v, t in zip(self.vcpus, self._threads):
@@ -428,38 +483,87 @@ class Machine:
                 except ProcessLookupError:
                     pass
 
-    def pause(self, timeout: float = 10.0) -> None:
-        """Take the vCPUs out of KVM_RUN; returns when they are out."""
-        with self._cond:
-            if self._status == STATUS_SHUTDOWN:
-                raise MachineError("the guest is shut down")
-            if not self._threads:
-                self._status = STATUS_PAUSED
-                return
-            self._want = STATUS_PAUSED
-            self._kick()
-            deadline = time.monotonic() + timeout
-            while self._status not in (STATUS_PAUSED, STATUS_SHUTDOWN) or any(self._in_run):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MachineError("the vCPU did not stop within %.0f s" % timeout)
-                self._cond.wait(min(left, 0.05))
-                if self._want == STATUS_PAUSED:
-                    self._kick()
+    def _all_parked(self) -> bool:
+        return all(p or not t.is_alive() for p, t in zip(self._parked, self._threads))
 
-    def resume(self) -> None:
-        """Let the vCPUs run again."""
-        with self._cond:
-            if self._status == STATUS_SHUTDOWN:
-                raise MachineError("the guest is shut down")
-            self._want = STATUS_RUNNING
-            if not self._threads:
-                self._status = STATUS_PRELAUNCH
-                return
-            for v in self.vcpus:
-                v.set_immediate_exit(False)
-            self._status = STATUS_RUNNING
-            self._cond.notify_all()
+    def pause(self, owner: str = PAUSE_USER, timeout: float = 10.0) -> None:
+        """Hold the guest paused on behalf of owner. Returns once every vCPU
+        is out of KVM_RUN with its pending I/O completed and the devices are
+        quiesced. On timeout the hold is rolled back and MachineError raised."""
+        with self._lifecycle:
+            with self._cond:
+                if self._status == STATUS_SHUTDOWN:
+                    raise MachineError("the guest is shut down")
+                was_paused = bool(self._holds)
+                self._holds.add(owner)
+                if was_paused:
+                    return
+                if not self._threads:
+                    # before start(): start() leaves the vCPUs paused (QEMU's -S)
+                    if self._status == STATUS_PRELAUNCH:
+                        self._status = STATUS_PAUSED
+                    return
+                self._want = STATUS_PAUSED
+                self._kick()
+                deadline = time.monotonic() + timeout
+                while not self._all_parked() and self._status != STATUS_SHUTDOWN:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        self._holds.discard(owner)
+                        self._want = STATUS_RUNNING
+                        self._cond.notify_all()
+                        raise MachineError(f"the vCPUs did not stop within {timeout:.0f} s; "
+                                           "the guest keeps running")
+                    self._cond.wait(min(left, 0.05))
+                    self._kick()
+                if self._status == STATUS_SHUTDOWN:
+                    return
+            self._quiesce_devices()
+            self._set_status(STATUS_PAUSED, owner)
+
+    def resume(self, owner: str = PAUSE_USER) -> None:
+        """Drop owner's hold; the vCPUs run again once nobody holds a pause."""
+        with self._lifecycle:
+            with self._cond:
+                if self._status == STATUS_SHUTDOWN:
+                    raise MachineError("the guest is shut down")
+                if self._status == STATUS_POSTMIGRATE:
+                    raise MachineError(POSTMIGRATE_MESSAGE)
+                self._holds.discard(owner)
+                if self._holds:
+                    return
+                self._want = STATUS_RUNNING
+                if not self._threads:
+                    if self._status == STATUS_PAUSED:
+                        self._status = STATUS_PRELAUNCH
+                    return
+            self._thaw_devices()
+            with self._cond:
+                self._want = STATUS_RUNNING
+                self._cond.notify_all()
+            self._set_status(STATUS_RUNNING, owner)
+
+    def enter_postmigrate(self) -> None:
+        """The guest now runs on the migration's destination: it stays paused
+        here for good (QEMU's postmigrate); only quit is left."""
+        with self._lifecycle:
+            with self._cond:
+                if self._status == STATUS_SHUTDOWN:
+                    return
+                if not self._holds:
+                    raise MachineError("postmigrate needs a paused guest")
+                self._holds.add(PAUSE_MIGRATION)
+            self._set_status(STATUS_POSTMIGRATE, "migrated")
+
+    def _quiesce_devices(self) -> None:
+        for d in self.devices():
+            d.quiesce()
+        self.memory.freeze()
+
+    def _thaw_devices(self) -> None:
+        self.memory.thaw()
+        for d in self.devices():
+            d.unquiesce()
 
     def request_shutdown(self, reason: str) -> None:
         """End the run (from any thread); wait() returns reason."""
@@ -467,9 +571,10 @@ class Machine:
             if self.shutdown_reason is None:
                 self.shutdown_reason = reason
             self._want = STATUS_SHUTDOWN
-            if not self._threads or not any(t.is_alive() for t in self._threads):
-                self._status = STATUS_SHUTDOWN
+            ended = not self._threads or not any(t.is_alive() for t in self._threads)
             self._cond.notify_all()
+        if ended:
+            self._set_status(STATUS_SHUTDOWN, self.shutdown_reason or reason)
         self._kick()
 
     def _on_poweroff(self, value: int) -> None:
@@ -509,8 +614,7 @@ class Machine:
         finally:
             with self._cond:
                 self._in_run[index] = False
-                self._status = STATUS_SHUTDOWN
-                self._cond.notify_all()
+            self._set_status(STATUS_SHUTDOWN, self.shutdown_reason or "")
             for fn in list(self.on_shutdown):
                 try:
                     fn(self.shutdown_reason or "")
@@ -535,13 +639,17 @@ class Machine:
                         break
                     if self._want == STATUS_PAUSED:
                         self._in_run[index] = False
-                        if self._status != STATUS_PAUSED:
-                            self._status = STATUS_PAUSED
+                        if not self._parked[index]:
+                            self._parked[index] = True
                             self._on_paused(vcpu)
-                        self._cond.notify_all()
+                            self._cond.notify_all()
                         self._cond.wait()
                         continue
+                    # running: clear a kick left over from an earlier pause
+                    # (under the lock, so a new kick cannot be lost)
+                    vcpu.set_immediate_exit(False)
                     break
+                self._parked[index] = False
                 self._in_run[index] = True
             ex = vcpu.run()
             kind = type(ex)
@@ -581,8 +689,8 @@ class Machine:
                 handler = self.dirty_ring_full_handler
                 if handler is not None:
                     handler(vcpu)
-                else:
-                    vcpu.harvest_dirty_ring()
+                else:       # no migration wants the pages: empty the ring
+                    vcpu.harvest_parked_dirty_ring()
                     self.vm.reset_dirty_rings()
             elif kind is K.InternalError:
                 self.error = self.describe_failure(vcpu, ex)
@@ -743,13 +851,16 @@ class Machine:
 
     def _cmd_stop(self, args: dict) -> dict:
         # before start() this makes start() leave the vCPUs paused (QEMU's -S)
-        if self.status in (STATUS_RUNNING, STATUS_PRELAUNCH):
-            self.pause()
+        if self.status != STATUS_POSTMIGRATE:
+            self.pause(PAUSE_USER)
         return {}
 
     def _cmd_cont(self, args: dict) -> dict:
-        if self.status == STATUS_PAUSED:
-            self.resume()
+        if self.status == STATUS_POSTMIGRATE:
+            raise MachineError(POSTMIGRATE_MESSAGE)
+        if PAUSE_MIGRATION in self.pause_holders:
+            raise MachineError(MIGRATION_HOLDS_MESSAGE)
+        self.resume(PAUSE_USER)
         return {}
 
     def _cmd_console_input(self, args: dict) -> dict:

@@ -7,7 +7,9 @@ of touching host memory outside the guest.
 KVM's dirty log sees only writes made by the guest. Writes the VMM makes
 (virtio used rings, device-written buffers) go through write()/mark_dirty(),
 which record them in a dirty bitmap of the VMM's own; migration ORs it into
-KVM's log (take_dirty_bitmap()).
+KVM's log (take_dirty_bitmap()). While the machine is paused the memory is
+frozen: a VMM write then fails (GuestMemoryError) instead of landing after
+a migration's last dirty harvest, where it would be lost.
 
 Bitmaps use KVM's layout everywhere in hv: little-endian uint64 words, bit
 (p % 64) of word (p // 64) stands for page frame p.
@@ -50,6 +52,23 @@ class GuestMemory:
         self.view = memoryview(self._map)
         self._dirty = np.zeros(self.npages, dtype=bool)
         self._dirty_lock = threading.Lock()
+        self.frozen = False
+
+    # -- freezing -------------------------------------------------------
+    def freeze(self) -> None:
+        """Refuse VMM writes from now on (the machine pauses: nothing may
+        change guest RAM behind a migration's last dirty harvest)."""
+        with self._dirty_lock:
+            self.frozen = True
+
+    def thaw(self) -> None:
+        with self._dirty_lock:
+            self.frozen = False
+
+    def _check_writable(self) -> None:
+        if self.frozen:
+            raise GuestMemoryError("guest memory is frozen while the machine is paused: a "
+                                   "device wrote guest RAM after it was quiesced")
 
     # -- bounds ---------------------------------------------------------
     def check(self, gpa: int, length: int) -> None:
@@ -71,6 +90,7 @@ class GuestMemory:
         """Copy data into guest RAM and record the pages as VMM-dirty."""
         length = len(data)
         self.check(gpa, length)
+        self._check_writable()
         self.view[gpa:gpa + length] = data
         self.mark_dirty(gpa, length)
 
@@ -81,6 +101,7 @@ class GuestMemory:
 
     def fill(self, gpa: int, length: int, byte: int = 0) -> None:
         self.check(gpa, length)
+        self._check_writable()
         ctypes.memset(self.host_addr + gpa, byte, length)
         self.mark_dirty(gpa, length)
 
@@ -123,6 +144,7 @@ class GuestMemory:
         first = gpa >> PAGE_SHIFT
         last = (gpa + length - 1) >> PAGE_SHIFT
         with self._dirty_lock:
+            self._check_writable()
             self._dirty[first:last + 1] = True
 
     def take_dirty_bitmap(self) -> np.ndarray:

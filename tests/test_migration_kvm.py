@@ -97,7 +97,7 @@ def test_tiny_guest_migrates_and_keeps_running(machines, dirty_log):
     dst = machines("dst", **kw)
     snaps = {}
     q, res = migrate_once(src, dst, snaps, free_pages="off", verify=True,
-                          dirty_log=dirty_log, downtime_ms=50)
+                          dirty_log=dirty_log, downtime_ms=500)
     assert q["status"] == "completed", q
     assert "error" not in res, res.get("error")
     assert res["rx"].verified

@@ -72,19 +72,24 @@ class FakeSource:
                               self.counter.to_bytes(8, "little"))
             time.sleep(0.0002)
 
-    def pause(self):
+    def pause(self, owner="user"):
         self._run.clear()
         time.sleep(0.01)          # let an in-flight write land
         self.status = "paused"
 
-    def resume(self):
+    def resume(self, owner="user"):
+        if self.status == "postmigrate":
+            raise AssertionError("resumed a guest that migrated away")
         self.status = "running"
         self._run.set()
+
+    def enter_postmigrate(self):
+        self.status = "postmigrate"
 
     def save_state(self):
         return {"counter": self.counter, "regs": {"rip": 0x1000}, "blob": b"\x01\x02"}
 
-    def shutdown(self):
+    def request_shutdown(self, reason):
         self.shut = True
         self._stop = True
         self._run.set()

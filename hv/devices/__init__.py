@@ -8,6 +8,13 @@ JSON arguments dict and returning the JSON "return" value).
 
 Interrupts reach the guest through an IrqLine handed to the device by
 hv.machine; the device never talks to KVM itself.
+
+quiesce() / unquiesce(): the machine calls quiesce() when it pauses, after
+the vCPUs stopped and before a migration's last dirty harvest and the state
+save, and unquiesce() before the vCPUs run again. In between, a device does
+nothing from its own threads (timers, I/O threads, control commands) that
+writes guest memory or changes an interrupt line; what it must still do
+waits for unquiesce(). The saved state then is the state the guest left.
 """
 
 from __future__ import annotations
@@ -42,6 +49,12 @@ class DeviceModel:
 
     def commands(self) -> dict[str, Callable[[dict], object]]:
         return {}
+
+    def quiesce(self) -> None:
+        pass
+
+    def unquiesce(self) -> None:
+        pass
 
     def close(self) -> None:
         pass

@@ -94,6 +94,8 @@ class Serial(Device):
         self.listeners: list[Callable[[bytes], None]] = []
         self.lock = threading.RLock()
         self._line = False
+        #: paused machine: typed bytes wait (enqueue takes none)
+        self.quiesced = False
         self.reset()
 
     def reset(self) -> None:
@@ -112,7 +114,7 @@ class Serial(Device):
     def enqueue(self, data: bytes) -> int:
         """Bytes typed on the terminal; returns how many were accepted."""
         with self.lock:
-            if self.mcr & MCR_LOOP:
+            if self.mcr & MCR_LOOP or self.quiesced:
                 return 0
             room = RX_CAPACITY - len(self.rx)
             taken = data[:max(room, 0)]
@@ -125,7 +127,17 @@ class Serial(Device):
     def rx_room(self) -> int:
         """How many bytes enqueue() would take now without an overrun."""
         with self.lock:
-            return 0 if self.mcr & MCR_LOOP else max(RX_CAPACITY - len(self.rx), 0)
+            if self.mcr & MCR_LOOP or self.quiesced:
+                return 0
+            return max(RX_CAPACITY - len(self.rx), 0)
+
+    def quiesce(self) -> None:
+        with self.lock:
+            self.quiesced = True
+
+    def unquiesce(self) -> None:
+        with self.lock:
+            self.quiesced = False
 
     def _emit(self, byte: int) -> None:
         data = bytes([byte])

@@ -3,12 +3,16 @@
     install(machine)     adds them to machine.commands (the CLI calls it)
 
     migrate        {"uri": "tcp:HOST:PORT", "free_pages": "bitmap"|"hint"|"off",
-                    "downtime_ms": 300, "max_bandwidth_mib": 0, "connections": 1,
-                    "max_rounds": 30, "verify": false, "dirty_log": "bitmap"|"ring",
+                    "downtime_ms": 300, "downtime_strategy": "cancel"|"force"|"iterate",
+                    "max_bandwidth_mib": 0, "connections": 1, "max_rounds": 30,
+                    "verify": false, "dirty_log": "auto"|"bitmap"|"ring",
                     "progress": false}
-                   starts the migration thread and returns {} at once
+                   checks every argument (an error names the bad one), then starts
+                   the migration thread and returns {} at once
     query-migrate  the statistics (status "none" before any migration)
     migrate-cancel stops a running migration; the guest keeps running here
+
+listeners (fn(event, data)) are attached to every migration started here.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class MigrationCommands:
     def __init__(self, machine):
         self.machine = machine
         self.current: Migration | None = None
+        self.listeners: list = []
         self._lock = threading.Lock()
 
     def migrate(self, args: dict | None = None):
@@ -32,7 +37,9 @@ class MigrationCommands:
                 raise MigrationError("a migration is already running; query-migrate shows it, "
                                      "migrate-cancel stops it")
             params = MigrationParams.from_args(args)
-            self.current = Migration(self.machine, params).start()
+            migration = Migration(self.machine, params)
+            migration.listeners.extend(self.listeners)
+            self.current = migration.start()
         return {}
 
     def query(self, args: dict | None = None):

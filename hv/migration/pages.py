@@ -132,6 +132,20 @@ def hash_bytes(data: bytes, page_size: int = PAGE_SIZE) -> int:
     return int(lib.hv_hash_page(ffi.cast("uint8_t *", buf), page_size))
 
 
+def range_pfns(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Every page frame number of a range table, in table order (int64)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if not len(counts):
+        return np.zeros(0, dtype=np.int64)
+    firsts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+    return np.repeat(np.asarray(starts, dtype=np.int64) - firsts, counts) + \
+        np.arange(int(counts.sum()), dtype=np.int64)
+
+
+#: hash_bytes of a page of zeros (a ZERO range's pages)
+ZERO_PAGE_HASH = hash_bytes(bytes(PAGE_SIZE))
+
+
 def ranges_valid(starts: np.ndarray, counts: np.ndarray, npages: int) -> bool:
     if not len(starts):
         return True

@@ -36,12 +36,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import params
 from ..memory import PAGE_SIZE, bitmap_words
 from . import pages
 from .protocol import (
     FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError, Ranges,
     SocketStream, cancel as cancel_msg, error as error_msg, state as state_msg)
 from .receiver import parse_uri, tune_socket
+from ..machine import PAUSE_MIGRATION, PAUSE_USER
 
 BATCH_PAGES = 2048          # pages per MEMORY message (8 MiB)
 CHUNK_PAGES = 16384         # bulk pass granularity (64 MiB)
@@ -52,16 +54,27 @@ class Cancelled(MigrationError):
     pass
 
 
+DIRTY_LOGS = ("auto", "bitmap", "ring", "vmm")
+FREE_PAGE_MODES = ("bitmap", "hint", "off")
+#: what a migration does when the rest cannot be sent within downtime_ms:
+#: cancel (and resume the source), force (pause anyway, and say so), or
+#: iterate (keep sending rounds past max_rounds until it fits or is cancelled)
+DOWNTIME_STRATEGIES = ("cancel", "force", "iterate")
+MAX_DOWNTIME_MS = 2_000_000         # QEMU's downtime-limit maximum
+
+
 @dataclass
 class MigrationParams:
     uri: str
-    free_pages: str = "bitmap"          # "bitmap" | "hint" | "off"
+    free_pages: str = "bitmap"          # FREE_PAGE_MODES
     downtime_ms: float = 300.0
+    downtime_strategy: str = "cancel"   # DOWNTIME_STRATEGIES
     max_bandwidth_mib: float = 0.0      # MiB/s over all connections; 0 = unlimited
     connections: int = 1
     max_rounds: int = 30
     verify: bool = False
-    dirty_log: str = "bitmap"           # "bitmap" | "ring" | "vmm" (no KVM: tests)
+    dirty_log: str = "auto"             # auto: the ring when the machine has one, else
+                                        # the bitmap; "vmm": no KVM (tests)
     timeout_s: float = 60.0             # any single send/receive
     free_page_timeout_ms: int = 30000   # waiting for the balloon's bitmap
     hint_wait_ms: int = 0               # let hints arrive before the bulk pass
@@ -72,34 +85,49 @@ class MigrationParams:
                                         # (the migrate command: 3000)
     on_paused: object = None            # callback(machine) right after the pause (tests, --verify)
 
+    #: how each argument of the migrate command is checked (hv.params)
+    CHECKS = {
+        "uri": (params.string,),
+        "free_pages": (params.choice, FREE_PAGE_MODES),
+        "downtime_ms": (params.number, 1, MAX_DOWNTIME_MS),
+        "downtime_strategy": (params.choice, DOWNTIME_STRATEGIES),
+        "max_bandwidth_mib": (params.number, 0, 1 << 30),
+        "connections": (params.integer, 1, 64),
+        "max_rounds": (params.integer, 0, 100_000),
+        "verify": (params.boolean,),
+        "dirty_log": (params.choice, DIRTY_LOGS),
+        "timeout_s": (params.number, 0.001, 86400),
+        "free_page_timeout_ms": (params.integer, 0, 3_600_000),
+        "hint_wait_ms": (params.integer, 0, 3_600_000),
+        "progress": (params.boolean,),
+        "shutdown_source": (params.boolean,),
+        "linger_ms": (params.integer, 0, 3_600_000),
+    }
+
     @classmethod
     def from_args(cls, args: dict) -> "MigrationParams":
-        if "uri" not in args:
-            raise MigrationError('migrate needs {"uri": "tcp:HOST:PORT"}')
-        known = set(cls.__dataclass_fields__) - {"on_paused"}
-        unknown = set(args) - known
-        if unknown:
-            raise MigrationError(f"migrate: unknown arguments {sorted(unknown)}; known: "
-                                 f"{sorted(known)}")
-        args.setdefault("linger_ms", 3000)
-        p = cls(**args)
-        if p.free_pages not in ("bitmap", "hint", "off"):
-            raise MigrationError(f'free_pages must be "bitmap", "hint" or "off", not '
-                                 f'{p.free_pages!r}')
-        if p.dirty_log not in ("bitmap", "ring", "vmm"):
-            raise MigrationError('dirty_log must be "bitmap", "ring" or "vmm"')
-        if not 1 <= int(p.connections) <= 64:
-            raise MigrationError("connections must be 1..64")
-        p.connections = int(p.connections)
-        parse_uri(p.uri)
-        return p
+        """The migrate command's arguments, each checked for type and range
+        (ParameterError names the first bad one) before anything starts."""
+        checked = {"linger_ms": 3000}
+        try:
+            params.refuse_unknown("migrate", args, cls.CHECKS)
+            for name, (check, *extra) in cls.CHECKS.items():
+                if name in args or name == "uri":
+                    checked[name] = params.take(args, name, check, *extra)
+        except params.ParameterError as e:
+            raise MigrationError(str(e)) from None
+        parse_uri(checked["uri"])
+        return cls(**checked)
 
 
 # ------------------------------------------------------------- dirty logs
 
 class VmmDirtyLog:
     """Only the VMM's own writes (GuestMemory.take_dirty_bitmap): for machines
-    without KVM, and ORed into the KVM logs below."""
+    without KVM, and ORed into the KVM logs below.
+
+    sync(parked) returns the pages dirtied since the last sync; parked says
+    that every vCPU is out of KVM_RUN (the final sync, inside the pause)."""
 
     def __init__(self, machine):
         self.memory = machine.memory
@@ -108,7 +136,7 @@ class VmmDirtyLog:
     def start(self) -> None:
         self.memory.take_dirty_bitmap()
 
-    def sync(self) -> np.ndarray:
+    def sync(self, parked: bool = False) -> np.ndarray:
         return pages.as_bitmap(self.memory.take_dirty_bitmap(), self.npages)
 
     def stop(self) -> None:
@@ -127,15 +155,14 @@ class KvmDirtyLog(VmmDirtyLog):
         self.machine = machine
         self.vm = machine.vm
         self.manual = False
+        if getattr(self.vm, "dirty_ring_bytes", 0) and not isinstance(self, RingDirtyLog):
+            raise MigrationError(
+                'dirty_log "bitmap": this guest was started with a dirty ring (run-guest '
+                '--dirty-ring), and KVM offers no dirty bitmap then; migrate with dirty_log '
+                '"ring" or "auto"')
 
     def _set_logging(self, on: bool) -> None:
-        fn = getattr(self.machine, "set_dirty_logging", None)
-        if fn is not None:
-            fn(on)
-            return
-        from .._kvm import lib
-        self.vm.set_user_memory_region(self.SLOT, 0, self.memory.size, self.memory.host_addr,
-                                       lib.KVM_MEM_LOG_DIRTY_PAGES if on else 0)
+        self.machine.set_dirty_logging(on)
 
     def start(self) -> None:
         from .._kvm import lib
@@ -150,7 +177,7 @@ class KvmDirtyLog(VmmDirtyLog):
         self._set_logging(True)
         super().start()
 
-    def sync(self) -> np.ndarray:
+    def sync(self, parked: bool = False) -> np.ndarray:
         kvm = self.vm.get_dirty_log(self.SLOT, self.npages)
         bm = pages.as_bitmap(kvm, self.npages)
         if self.manual and pages.count(bm):
@@ -167,8 +194,16 @@ class KvmDirtyLog(VmmDirtyLog):
 
 class RingDirtyLog(KvmDirtyLog):
     """The per-vCPU dirty rings (the machine must have been created with them).
-    A full ring (KVM_EXIT_DIRTY_RING_FULL) is harvested on the vCPU thread into
-    the pending set, so nothing is lost between syncs."""
+
+    From before logging goes on until it is off again, every ring is
+    harvested into the pending set: on a full ring by the vCPU's own thread
+    (machine.dirty_ring_full_handler), every HARVEST_INTERVAL_S by a
+    harvester thread so that rings rarely fill, and by sync(). A harvested
+    entry is reset (its page write-protected again) before sync() returns,
+    so before the page is read for sending. A ring that KVM overfilled may
+    have lost entries: the next sync then reports every page dirty."""
+
+    HARVEST_INTERVAL_S = 0.005
 
     def __init__(self, machine):
         super().__init__(machine)
@@ -177,46 +212,85 @@ class RingDirtyLog(KvmDirtyLog):
             raise MigrationError("dirty_log \"ring\" needs a machine created with a dirty ring "
                                  "(run-guest --dirty-ring BYTES, MachineConfig.dirty_ring_bytes:"
                                  " KVM_CAP_DIRTY_LOG_RING is enabled before the vCPUs exist)")
-
-    def start(self) -> None:
         self._pending = np.zeros(self.npages, dtype=bool)
         self._plock = threading.Lock()
-        self._set_logging(True)
-        if hasattr(self.machine, "dirty_ring_full_handler"):
-            self.machine.dirty_ring_full_handler = self._on_full
-        VmmDirtyLog.start(self)
+        self._overflowed = False
+        self._stop_harvester = threading.Event()
+        self._harvester: threading.Thread | None = None
+        self.stats = {"ring_full_exits": 0, "overflows": 0, "harvested": 0}
 
-    def _harvest(self, vcpu) -> None:
-        slots, offsets = vcpu.harvest_dirty_ring_arrays()
+    def start(self) -> None:
+        # The handler first: no full ring is emptied without us from the
+        # moment logging is on.
+        self.machine.dirty_ring_full_handler = self._on_full
+        self._set_logging(True)
+        VmmDirtyLog.start(self)
+        self._harvester = threading.Thread(target=self._harvest_loop, name="hv-ring-harvest",
+                                           daemon=True)
+        self._harvester.start()
+
+    def _take(self, slots: np.ndarray, offsets: np.ndarray) -> None:
         offs = offsets[(slots == self.SLOT) & (offsets < self.npages)]
         self._pending[offs.astype(np.int64)] = True
+        self.stats["harvested"] += len(offs)
+
+    def _harvest_parked(self, vcpu) -> None:
+        slots, offsets, overflowed = vcpu.harvest_parked_dirty_ring()
+        self._take(slots, offsets)
+        if overflowed:
+            self._overflowed = True
+            self.stats["overflows"] += 1
 
     def _on_full(self, vcpu) -> None:
+        """KVM_EXIT_DIRTY_RING_FULL, on the vCPU's own thread."""
         with self._plock:
-            self._harvest(vcpu)
+            self.stats["ring_full_exits"] += 1
+            self._harvest_parked(vcpu)
             self.vm.reset_dirty_rings()
 
-    def sync(self) -> np.ndarray:
+    def _harvest_loop(self) -> None:
+        while not self._stop_harvester.wait(self.HARVEST_INTERVAL_S):
+            try:
+                with self._plock:
+                    for vcpu in self.machine.vcpus:
+                        self._take(*vcpu.harvest_dirty_ring_arrays())
+                    self.vm.reset_dirty_rings()
+            except OSError:      # the VM is going away
+                return
+
+    def sync(self, parked: bool = False) -> np.ndarray:
         from ..memory import pack_bitmap
         with self._plock:
             for vcpu in self.machine.vcpus:
-                self._harvest(vcpu)
+                if parked:
+                    self._harvest_parked(vcpu)
+                else:
+                    self._take(*vcpu.harvest_dirty_ring_arrays())
             self.vm.reset_dirty_rings()
             bits, self._pending = self._pending, np.zeros(self.npages, dtype=bool)
+            overflowed, self._overflowed = self._overflowed, False
+        if overflowed:
+            return pages.full_bitmap(self.npages)
         bm = pages.as_bitmap(pack_bitmap(bits), self.npages)
         pages.or_into(bm, VmmDirtyLog.sync(self))
         return bm
 
     def stop(self) -> None:
+        self._stop_harvester.set()
+        if self._harvester is not None and self._harvester is not threading.current_thread():
+            self._harvester.join(1.0)
+        super().stop()
         if getattr(self.machine, "dirty_ring_full_handler", None) == self._on_full:
             self.machine.dirty_ring_full_handler = None
-        super().stop()
 
 
 def dirty_log_for(machine, kind: str):
-    if kind == "vmm" or getattr(machine, "vm", None) is None:
+    """The dirty log a migration of machine uses; MigrationError (before
+    anything changes) when that kind cannot work for this machine."""
+    vm = getattr(machine, "vm", None)
+    if kind == "vmm" or vm is None:
         return VmmDirtyLog(machine)
-    if kind == "ring":
+    if kind == "ring" or (kind == "auto" and getattr(vm, "dirty_ring_bytes", 0)):
         return RingDirtyLog(machine)
     return KvmDirtyLog(machine)
 
@@ -252,34 +326,70 @@ class Stats:
     expected_downtime_ms: float | None = None
     total_time_ms: float = 0.0
     downtime_ms: float | None = None
+    #: where the downtime went: pause, save, final_sync, final_send, verify, complete
+    downtime_parts: dict | None = None
+    downtime_limit_ms: float = 0.0
+    #: the downtime went over downtime_limit_ms (forced, or mis-estimated)
+    downtime_exceeded: bool = False
+    #: final phases given up because the estimate after the pause did not fit
+    pause_rollbacks: int = 0
     setup_ms: float = 0.0
+    dirty_syncs: int = 0
+    dirty_log: str = ""
     free_pages: str = "off"
     free_page_info: dict | None = None
     rounds: list = field(default_factory=list)
     remaining_pages: int = 0
     verified: bool | None = None
+    #: time spent hashing pages for verify, all of it but the final round's
+    #: while the guest runs
+    verify_ms: float = 0.0
+    warning: str | None = None
     error: str | None = None
 
 
+#: what the last part of the downtime costs beyond sending pages: the machine
+#: state, the destination's restore and resume, RUNNING coming back. A first
+#: guess, replaced by what a rolled-back final phase measured.
+TAIL_ESTIMATE_MS = 10.0
+#: first guess of pausing the vCPUs, saving the state and the final sync
+PAUSE_ESTIMATE_MS = 10.0
+
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+
+
 class Migration:
-    """One outgoing live migration of `machine`."""
+    """One outgoing live migration of `machine`.
+
+    listeners: fn(event, data) for every ("MIGRATION", {"status": s}) and
+    ("MIGRATION_PASS", {"pass": n}), called from the migration's thread."""
 
     def __init__(self, machine, params: MigrationParams):
         self.machine = machine
         self.p = params
         self.memory = machine.memory
         self.npages = self.memory.npages
-        self.s = Stats(pages_total=self.npages, free_pages=params.free_pages)
+        self.s = Stats(pages_total=self.npages, free_pages=params.free_pages,
+                       downtime_limit_ms=params.downtime_ms)
         self.streams: list[SocketStream] = []
         self.thread: threading.Thread | None = None
+        self.listeners: list = []
         self._cancel = threading.Event()
         self._done = threading.Event()
         self._queried_final = threading.Event()
         self._t0 = None
-        self._paused_by_us = False
+        self._holding_pause = False
+        self._complete_sent = False
         self._lock = threading.Lock()
         self._balloon = None
+        self._rtt_ms = 0.0
+        self._pause_cost_ms = PAUSE_ESTIMATE_MS
+        self._tail_ms = TAIL_ESTIMATE_MS
+        # per-page hashes of what the destination holds, kept up to date as
+        # pages are sent (verify), so the pause only hashes the final round
+        self._hashes = np.zeros(self.npages, dtype=np.uint64) if params.verify else None
         self.log = dirty_log_for(machine, params.dirty_log)
+        self.s.dirty_log = type(self.log).__name__.removesuffix("DirtyLog").lower() or "vmm"
 
     # -- control ----------------------------------------------------------
     def start(self) -> "Migration":
@@ -295,8 +405,14 @@ class Migration:
         return self.query()
 
     def cancel(self) -> None:
-        """Ask the migration to stop; the source keeps (or resumes) running."""
+        """Ask the migration to stop; the source keeps (or resumes) running.
+        Refused once COMPLETE is on its way: the destination may be resuming
+        the guest, and only its answer can say whether it did."""
+        if self._complete_sent and not self._done.is_set():
+            raise MigrationError("too late to cancel: the source has sent everything and "
+                                 "the destination is resuming the guest")
         self._cancel.set()
+        self._emit_status("cancelling")
 
         def force():
             if not self._done.wait(2.0):
@@ -311,7 +427,7 @@ class Migration:
         with self._lock:
             d = dict(self.s.__dict__)
             d["rounds"] = [dict(r) for r in self.s.rounds]
-            if self.s.status in ("completed", "failed", "cancelled"):
+            if self.s.status in FINAL_STATUSES:
                 self._queried_final.set()
         if self._t0 is not None and not self._done.is_set():
             d["total_time_ms"] = round((time.monotonic() - self._t0) * 1000, 3)
@@ -321,9 +437,37 @@ class Migration:
     def finished(self) -> bool:
         return self._done.is_set()
 
+    # -- events ---------------------------------------------------------------
+    def _emit(self, event: str, data: dict) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(event, data)
+            except Exception:
+                pass
+
+    def _set_status(self, status: str) -> None:
+        with self._lock:
+            changed = self.s.status != status
+            self.s.status = status
+        if changed:
+            self._emit("MIGRATION", {"status": status})
+
+    def _emit_status(self, status: str) -> None:
+        """A status only reported (cancelling): the next real one replaces it."""
+        self._emit("MIGRATION", {"status": status})
+
+    def _sync(self, parked: bool = False) -> np.ndarray:
+        bm = self.log.sync(parked)
+        with self._lock:
+            self.s.dirty_syncs += 1
+            n = self.s.dirty_syncs
+        self._emit("MIGRATION_PASS", {"pass": n})
+        return bm
+
     # -- main ---------------------------------------------------------------
     def run(self) -> None:
         self._t0 = time.monotonic()
+        self._emit("MIGRATION", {"status": "setup"})
         try:
             self._migrate()
         except Exception as e:
@@ -346,13 +490,15 @@ class Migration:
             reason = f"{type(e).__name__}: {e}"
         # A send that failed because the destination gave up: its ERROR may
         # be waiting in the receive buffer, and says why.
-        if self.streams and not cancelled and not isinstance(e, PeerError):
+        peer_said = isinstance(e, PeerError)
+        if self.streams and not cancelled and not peer_said:
             try:
                 st0 = self.streams[0]
                 st0.timeout = 0.5
                 msg = st0.recv(self.npages)
                 if isinstance(msg, Control) and msg.command == Command.ERROR:
                     reason = f"the destination failed: {msg.text}"
+                    peer_said = True
             except Exception:
                 pass
         # Tell the destination (best effort), then close everything.
@@ -368,13 +514,21 @@ class Migration:
             self.log.stop()
         except Exception:
             pass
-        if self._paused_by_us:
-            self.machine.resume()
-            self._paused_by_us = False
+        if self._holding_pause:
+            if self._complete_sent and not peer_said:
+                # COMPLETE went out and no answer came: the destination may
+                # run the guest. Never run it here too; leave the choice to
+                # the user, as a user's pause that cont undoes.
+                reason += ("; the destination got everything and may be running the guest, so "
+                           "the source stays paused: check the destination, and cont here "
+                           "only if it does not run the guest")
+                self.machine.pause(PAUSE_USER)
+            self.machine.resume(PAUSE_MIGRATION)
+            self._holding_pause = False
         self._hint_done()
         with self._lock:
-            self.s.status = "cancelled" if cancelled else "failed"
             self.s.error = reason
+        self._set_status("cancelled" if cancelled else "failed")
 
     def _close(self) -> None:
         for st_ in self.streams:
@@ -405,9 +559,12 @@ class Migration:
             sock.settimeout(self.p.timeout_s)
             st_ = SocketStream(sock, PAGE_SIZE, self.p.timeout_s, rate)
             self.streams.append(st_)
+            t0 = time.monotonic()
             st_.send(Hello(PAGE_SIZE, self.memory.size, FEATURES, self.p.connections, i,
                            session))
             reply = st_.recv(self.npages)
+            if i == 0:
+                self._rtt_ms = (time.monotonic() - t0) * 1000
             self._expect_ack(reply, Command.HELLO)
 
     @staticmethod
@@ -452,11 +609,24 @@ class Migration:
         if errors:
             raise errors[0]
 
+    def _record_hashes(self, starts, counts, value: int | None = None) -> None:
+        """verify: what the destination now holds for these ranges, hashed
+        from guest memory (or value, the hash of a zero or filled page)."""
+        if self._hashes is None:
+            return
+        t0 = time.monotonic()
+        pfns = pages.range_pfns(starts, counts)
+        self._hashes[pfns] = (pages.hashes(self.memory, starts, counts) if value is None
+                              else np.uint64(value))
+        with self._lock:
+            self.s.verify_ms += (time.monotonic() - t0) * 1000
+
     def _send_on(self, stream: SocketStream, bm: np.ndarray, rnd: dict) -> None:
         data, zero, nzero = pages.classify(self.memory, bm, self.npages)
         for s, c in pages.runs(zero, self.npages):
             self._check_cancel()
             stream.send(Ranges(Command.ZERO, s, c))
+            self._record_hashes(s, c, pages.ZERO_PAGE_HASH)
         with self._lock:
             rnd["zero_pages"] += nzero
             if rnd["round"] == 0:
@@ -469,6 +639,9 @@ class Migration:
                 base = int(ends[i - 1]) if i else 0
                 j = max(i + 1, int(np.searchsorted(ends, base + BATCH_PAGES, side="right")))
                 n = stream.send(Ranges(Command.MEMORY, s[i:j], c[i:j]), self.memory)
+                # hashed after the send: a write in between is in the dirty
+                # log, so the page is sent (and hashed) again later
+                self._record_hashes(s[i:j], c[i:j])
                 npg = int(ends[j - 1]) - base
                 with self._lock:
                     rnd["pages"] += npg
@@ -478,9 +651,11 @@ class Migration:
                 i = j
 
     def _send_fill(self, bm: np.ndarray, pattern: int) -> None:
+        fill_hash = pages.hash_bytes(int(pattern).to_bytes(4, "little") * (PAGE_SIZE // 4))
         for s, c in pages.runs(bm, self.npages):
             self._check_cancel()
             n = self.streams[0].send(Ranges(Command.FILL, s, c, pattern=pattern))
+            self._record_hashes(s, c, fill_hash)
             with self._lock:
                 self.s.bytes_sent += n
                 self.s.pages_filled += int(c.sum())
@@ -540,23 +715,21 @@ class Migration:
         return int(v or 0)
 
     # -- the migration --------------------------------------------------------
-    def _migrate(self) -> None:
+    def _estimate_ms(self, npages: int) -> float:
+        """Downtime to send npages and finish: pause, final sync and state
+        save, the pages at the measured bandwidth, the tail."""
+        return (self._pause_cost_ms + npages * PAGE_SIZE / max(self._bw, 1.0) * 1000
+                + self._tail_ms + self._rtt_ms)
+
+    def _bulk_pass(self) -> np.ndarray:
+        """Round 0: every page but the free ones; returns the pages skipped
+        as free."""
         p = self.p
-        self._bw = 0.0
-        self._connect()
-        self._masks = self._channel_masks()
-        self._check_cancel()
-        with self._lock:
-            self.s.status = "active"
-        # Dirty logging on before anyone says which pages are free.
-        self.log.start()
         free = self._free_bitmap()
         self.s.setup_ms = round((time.monotonic() - self._t0) * 1000, 3)
         full = pages.full_bitmap(self.npages)
         skipped_free = pages.empty_bitmap(self.npages)
         poison = self._poison()
-
-        # Bulk pass, chunk by chunk (hints are re-read before each chunk).
         rnd = self._new_round(0)
         t0 = time.monotonic()
         chunk_words = CHUNK_PAGES // 64
@@ -588,88 +761,170 @@ class Migration:
             except Exception:
                 pass
         self._end_round(rnd, t0)
+        return skipped_free
 
-        # Dirty rounds until the rest fits the downtime.
+    def _dirty_round(self, number: int, dirty: np.ndarray) -> None:
+        rnd = self._new_round(number)
+        rnd["dirty_pages"] = pages.count(dirty)
+        t0 = time.monotonic()
+        self._send_set(dirty, rnd)
+        self._end_round(rnd, t0)
+
+    def _not_converged(self, n: int, expected_ms: float, rounds: int) -> str:
+        return (f"the guest did not converge: after {rounds} rounds {n} dirty pages remain, "
+                f"about {expected_ms:.0f} ms of downtime against the limit of "
+                f"{self.p.downtime_ms:g} ms at {self._bw / (1 << 20):.0f} MiB/s")
+
+    def _migrate(self) -> None:
+        p = self.p
+        self._bw = 0.0
+        self._connect()
+        self._masks = self._channel_masks()
+        self._check_cancel()
+        self._set_status("active")
+        # Dirty logging on before anyone says which pages are free.
+        self.log.start()
+        skipped_free = self._bulk_pass()
+
+        # Dirty rounds until the rest fits the downtime (then the final phase,
+        # which rolls back to another round when, paused, it does not fit).
         ever_dirty = pages.empty_bitmap(self.npages)
         number = 0
+        forced = None
         while True:
             self._check_cancel()
-            dirty = self.log.sync()
+            dirty = self._sync()
             pages.or_into(ever_dirty, dirty)
             n = pages.count(dirty)
-            expected_ms = n * PAGE_SIZE / max(self._bw, 1.0) * 1000
+            expected_ms = self._estimate_ms(n)
             with self._lock:
                 self.s.remaining_pages = n
                 self.s.expected_downtime_ms = round(expected_ms, 3)
-            if expected_ms <= p.downtime_ms or number >= p.max_rounds:
-                break
+            out_of_rounds = number >= p.max_rounds and p.downtime_strategy != "iterate"
+            if expected_ms <= p.downtime_ms or out_of_rounds:
+                if expected_ms > p.downtime_ms:
+                    if p.downtime_strategy == "cancel":
+                        raise MigrationError(self._not_converged(n, expected_ms, number)
+                                             + "; the source keeps running (raise downtime_ms "
+                                             "or the bandwidth, or choose downtime_strategy "
+                                             "\"force\" or \"iterate\")")
+                    forced = self._not_converged(n, expected_ms, number)
+                last = self._final_phase(dirty, ever_dirty, skipped_free, number,
+                                         force=forced is not None or out_of_rounds)
+                if last is None:
+                    break
+                # rolled back: what the paused sync found is the next round
+                dirty = last
             number += 1
-            rnd = self._new_round(number)
-            rnd["dirty_pages"] = n
-            t0 = time.monotonic()
-            self._send_set(dirty, rnd)
-            self._end_round(rnd, t0)
+            self._dirty_round(number, dirty)
 
-        # Stop-and-copy. With hints, let the guest take its hinted blocks back
-        # now (DONE, as QEMU does at completion): the config interrupt and the
-        # balloon's state travel with the machine state, so the guest frees
-        # them on whichever side it then runs; a block it reuses before the
-        # pause is dirty and sent.
+        if forced is not None:
+            with self._lock:
+                self.s.warning = (forced + "; paused anyway (downtime_strategy \"force\")")
+        if p.shutdown_source:
+            # The vCPUs stay paused; give a client polling query-migrate the
+            # chance to read the final statistics before this process ends.
+            self._queried_final.wait(p.linger_ms / 1000)
+            stop_machine(self.machine)
+
+    def _final_phase(self, dirty: np.ndarray, ever_dirty: np.ndarray,
+                     skipped_free: np.ndarray, number: int, force: bool) -> np.ndarray | None:
+        """Pause, sync, and send the rest, the state and COMPLETE; wait for
+        RUNNING. Returns None when the migration completed, or the dirty
+        pages when the estimate taken after the pause said the rest does not
+        fit the downtime: the guest was resumed and another round follows.
+
+        With hints, the guest takes its hinted blocks back now (DONE, as QEMU
+        does at completion): the config interrupt and the balloon's state
+        travel with the machine state, so the guest frees them on whichever
+        side it then runs; a block it reuses before the pause is dirty."""
+        p = self.p
         self._check_cancel()
         self._hint_done()
+        parts = {}
         pause_t = time.monotonic()
-        if getattr(self.machine, "status", "running") != "paused":
-            self.machine.pause()
-            self._paused_by_us = True   # resumed again if anything fails
-        with self._lock:
-            self.s.status = "device"
+        self.machine.pause(PAUSE_MIGRATION)
+        self._holding_pause = True   # released again if anything fails
+        t = time.monotonic()
+        parts["pause"] = (t - pause_t) * 1000
+        self._set_status("device")
         if p.on_paused is not None:
             p.on_paused(self.machine)
         machine_state = self.machine.save_state()
+        t2 = time.monotonic()
+        parts["save"] = (t2 - t) * 1000
         last = dirty
-        more = self.log.sync()
+        more = self._sync(parked=True)
         pages.or_into(last, more)
         pages.or_into(ever_dirty, more)
+        t3 = time.monotonic()
+        parts["final_sync"] = (t3 - t2) * 1000
+        n_last = pages.count(last)
+        spent = (t3 - pause_t) * 1000
+        expected_ms = spent + self._estimate_ms(n_last) - self._pause_cost_ms
+        if expected_ms > p.downtime_ms and not force and (
+                number < p.max_rounds or p.downtime_strategy == "iterate"):
+            # Does not fit after all: undo the pause, learn what it costs.
+            self._pause_cost_ms = spent
+            self.machine.resume(PAUSE_MIGRATION)
+            self._holding_pause = False
+            self._set_status("active")
+            with self._lock:
+                self.s.pause_rollbacks += 1
+                self.s.expected_downtime_ms = round(expected_ms, 3)
+            return last
+
         rnd = self._new_round(number + 1)
-        rnd["dirty_pages"] = pages.count(last)
+        rnd["dirty_pages"] = n_last
         rnd["final"] = True
-        t0 = time.monotonic()
         self._send_set(last, rnd)
-        self._end_round(rnd, t0)
+        self._end_round(rnd, t3)
         st0 = self.streams[0]
         n = st0.send(state_msg(machine_state))
         with self._lock:
             self.s.bytes_sent += n
+        t4 = time.monotonic()
+        parts["final_send"] = (t4 - t3) * 1000
         if p.verify:
-            # Every page except free pages skipped and never written since.
+            # Every page except free pages skipped and never written since,
+            # from the hashes kept as pages were sent.
             unsent_free, _ = pages.andnot(skipped_free, ever_dirty)
-            check, _ = pages.andnot(full, unsent_free)
+            check, _ = pages.andnot(pages.full_bitmap(self.npages), unsent_free)
             s, c = pages.all_runs(check, self.npages)
-            hashes = pages.hashes(self.memory, s, c)
+            hashes = self._hashes[pages.range_pfns(s, c)]
             self.verify_hashes = (s, c, hashes)
             st0.send(Ranges(Command.VERIFY, s, c, hashes=hashes))
+        t5 = time.monotonic()
+        parts["verify"] = (t5 - t4) * 1000
         for extra in self.streams[1:]:
             extra.send(Control(Command.COMPLETE))
         st0.send(Control(Command.COMPLETE))
+        self._complete_sent = True
         reply = st0.recv(self.npages)
         if isinstance(reply, Control) and reply.command == Command.ERROR:
             raise PeerError(f"the destination failed: {reply.text}")
         if not (isinstance(reply, Control) and reply.command == Command.RUNNING):
             raise ProtocolError(f"expected RUNNING from the destination, got "
                                 f"{getattr(reply, 'command', reply)!r}")
-        downtime = (time.monotonic() - pause_t) * 1000
+        # The guest runs on the destination now: it never runs here again.
+        self.machine.enter_postmigrate()
+        self._holding_pause = False
+        t6 = time.monotonic()
+        parts["complete"] = (t6 - t5) * 1000
+        downtime = (t6 - pause_t) * 1000
         self._close()
         self.log.stop()
         with self._lock:
             self.s.downtime_ms = round(downtime, 3)
+            self.s.downtime_parts = {k: round(v, 3) for k, v in parts.items()}
+            self.s.downtime_exceeded = downtime > p.downtime_ms
+            if self.s.downtime_exceeded and not force:
+                self.s.warning = (f"the downtime of {downtime:.0f} ms went over the limit of "
+                                  f"{p.downtime_ms:g} ms that the estimate of "
+                                  f"{expected_ms:.0f} ms promised")
             self.s.verified = True if p.verify else None
-            self.s.status = "completed"
-        self._paused_by_us = False
-        if p.shutdown_source:
-            # The vCPUs stay paused; give a client polling query-migrate the
-            # chance to read the final statistics before this process ends.
-            self._queried_final.wait(p.linger_ms / 1000)
-            stop_machine(self.machine)
+        self._set_status("completed")
+        return None
 
     # -- progress -------------------------------------------------------------
     def progress_line(self) -> str:
@@ -692,16 +947,8 @@ class Migration:
 
 
 def stop_machine(machine) -> None:
-    """Stop the source machine after a completed migration."""
-    fn = getattr(machine, "request_shutdown", None)
-    if callable(fn):
-        fn("migrated")
-        return
-    for name in ("shutdown", "stop", "quit"):
-        fn = getattr(machine, name, None)
-        if callable(fn):
-            fn()
-            return
+    """End the source machine after a completed migration."""
+    machine.request_shutdown("migrated")
 
 
 def migrate(machine, uri: str, **kw) -> dict:

@@ -336,7 +336,8 @@ class Balloon(VirtioDevice):
     def request_stats(self, timeout_ms: int = 2000) -> dict[str, int]:
         """Ask the guest for fresh statistics; returns them (the last ones on timeout)."""
         with self.lock:
-            if not self.active or "stats" not in self.roles:
+            # paused: giving the buffer back would write the used ring
+            if not self.active or "stats" not in self.roles or self.quiesced:
                 return dict(self.stats)
             if self.stats_head is not None:
                 seq = self._stats_seq

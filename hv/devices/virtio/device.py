@@ -80,6 +80,11 @@ class VirtioDevice(DeviceModel):
         self.active = False
 
     # -- what the device calls ------------------------------------------------
+    @property
+    def quiesced(self) -> bool:
+        """The machine is paused: no guest memory writes from other threads now."""
+        return self.transport is not None and self.transport.quiesced
+
     def has_feature(self, bit: int) -> bool:
         return bool(self.acked_features >> bit & 1)
 

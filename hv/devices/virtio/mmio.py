@@ -100,6 +100,8 @@ class VirtioMmioTransport(Device):
         self.lock = threading.RLock()
         self.needs_reset_reason: str | None = None
         self._line = False
+        #: paused machine: interrupt lines keep their level until unquiesce()
+        self.quiesced = False
         self._reset_state()
         device.attach(self)
 
@@ -131,7 +133,7 @@ class VirtioMmioTransport(Device):
     # -- interrupts ---------------------------------------------------------------
     def _update_line(self) -> None:
         level = self.interrupt_status != 0
-        if level != self._line:
+        if level != self._line and not self.quiesced:
             self._line = level
             self.irq_line.set_level(level)
 
@@ -383,6 +385,18 @@ class VirtioMmioTransport(Device):
 
     def commands(self):
         return self.device.commands()
+
+    def quiesce(self) -> None:
+        # Taking the lock waits for a device action of another thread to end.
+        with self.lock:
+            self.quiesced = True
+            self.device.quiesce()
+
+    def unquiesce(self) -> None:
+        with self.lock:
+            self.quiesced = False
+            self.device.unquiesce()
+            self._update_line()
 
     def close(self) -> None:
         self.device.close()
