@@ -1,0 +1,304 @@
+"""The run-state rules a migration lives by, on the tiny writer guest of
+test_migration_kvm (no Linux image needed):
+
+- a migration's pause has an owner: cont during the final phase is refused,
+  and a user's stop survives the migration's own resume;
+- once the destination runs the guest, the source never runs it again
+  (postmigrate: cont refused, the vCPUs stay out of KVM_RUN);
+- COMPLETE sent and no answer: the source stays paused (it cannot know
+  whether the destination runs the guest);
+- a pause that times out is rolled back;
+- while paused, devices are quiesced and no VMM write reaches guest RAM;
+- the downtime limit: a guest that cannot converge is cancelled (the source
+  keeps running) or, when the user says so, paused anyway with a warning;
+- dirty rings: the default dirty log of a ring guest is its ring, the
+  bitmap is refused before anything changes, and a ring KVM overfilled is
+  recovered and reported.
+"""
+
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from hv.devices import Device
+from hv.errors import GuestMemoryError
+from hv.machine import MachineError, PAUSE_MIGRATION, PAUSE_USER
+from hv.migration.protocol import Command, SocketStream, ack
+from hv.migration.receiver import listen
+from hv.migration.sender import Migration, MigrationParams
+from hv.migration.protocol import MigrationError
+
+from loopback import migrate_over_loopback
+from test_migration_kvm import counter, make_machine, writer_guest
+
+pytestmark = pytest.mark.kvm
+
+
+@pytest.fixture
+def machines():
+    made = []
+
+    def make(kind="src", **kw):
+        m = writer_guest(**kw) if kind == "src" else make_machine(**kw)
+        made.append(m)
+        return m
+    yield make
+    for m in made:
+        try:
+            m.close()
+        except Exception:
+            pass
+
+
+def runs(m, seconds=0.3) -> bool:
+    """Whether the tiny guest's counter moves."""
+    c0 = counter(m)
+    time.sleep(seconds)
+    return counter(m) != c0
+
+
+def test_cont_during_the_final_phase_is_refused(machines):
+    src, dst = machines("src"), machines("dst")
+    seen = {}
+
+    def on_paused(m):
+        with pytest.raises(MachineError, match="migration holds the guest paused"):
+            m.commands["cont"]({})
+        seen["holders"] = m.pause_holders
+        seen["status"] = m.status
+        seen["counter"] = counter(m)
+        time.sleep(0.05)
+        seen["still"] = counter(m) == seen["counter"]
+    q, res = migrate_over_loopback(src, dst, free_pages="off", verify=True, downtime_ms=1000,
+                                   on_paused=on_paused)
+    assert q["status"] == "completed", q
+    assert res["rx"].verified
+    assert seen["holders"] == {PAUSE_MIGRATION} and seen["status"] == "paused"
+    assert seen["still"], "the source ran during the final phase"
+
+
+def test_source_never_runs_after_completion(machines):
+    src, dst = machines("src"), machines("dst")
+    q, res = migrate_over_loopback(src, dst, free_pages="off", downtime_ms=1000,
+                                   shutdown_source=False)
+    assert q["status"] == "completed", q
+    assert src.status == "postmigrate"
+    for cmd in ("cont", "cont"):
+        with pytest.raises(MachineError, match="postmigrate"):
+            src.commands[cmd]({})
+    with pytest.raises(MachineError, match="postmigrate"):
+        src.resume(PAUSE_MIGRATION)
+    src.commands["stop"]({})          # harmless
+    assert src.status == "postmigrate"
+    assert not runs(src) and runs(dst)
+
+
+def test_user_stop_survives_a_failed_migration(machines):
+    src = machines("src")
+    src.commands["stop"]({})
+    mig = Migration(src, MigrationParams(uri="tcp:127.0.0.1:1", free_pages="off", timeout_s=2))
+    mig.run()
+    assert mig.query()["status"] == "failed"
+    assert src.status == "paused" and src.pause_holders == {PAUSE_USER}
+    assert not runs(src)
+    src.commands["cont"]({})
+    assert runs(src)
+
+
+def test_user_stop_during_the_migration_survives_its_rollback(machines):
+    """The migration pauses, finds the rest does not fit and resumes: a
+    user's stop taken meanwhile keeps the guest paused."""
+    src, dst = machines("src"), machines("dst")
+
+    def on_paused(m):
+        m.commands["stop"]({})
+        time.sleep(0.3)     # makes the paused estimate miss the limit: rolled back
+    q, _ = migrate_over_loopback(src, dst, free_pages="off", downtime_ms=200, max_rounds=2,
+                                 downtime_strategy="cancel", on_paused=on_paused)
+    assert q["pause_rollbacks"] >= 1, q
+    assert src.status in ("paused", "shutdown")
+    if q["status"] != "completed":
+        assert src.pause_holders == {PAUSE_USER} and not runs(src)
+
+
+def test_no_answer_to_complete_leaves_the_source_paused(machines):
+    """The destination takes everything, then vanishes without RUNNING or
+    ERROR: it may be running the guest, so the source must not."""
+    src = machines("src")
+    lst = listen("tcp:127.0.0.1:0")
+    port = lst.getsockname()[1]
+
+    def silent_destination():
+        c, _ = lst.accept()
+        st = SocketStream(c, timeout=10)
+        st.recv()                         # HELLO
+        st.send(ack(Command.HELLO))
+        while True:
+            msg = st.recv(src.memory.npages, mem=None)
+            if getattr(msg, "command", None) == Command.COMPLETE:
+                break
+        c.shutdown(socket.SHUT_RDWR)
+        c.close()
+        lst.close()
+    t = threading.Thread(target=silent_destination, daemon=True)
+    t.start()
+    mig = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", free_pages="off",
+                                         downtime_ms=1000, timeout_s=5))
+    mig.run()
+    t.join(10)
+    q = mig.query()
+    assert q["status"] == "failed" and "stays paused" in q["error"], q
+    assert src.status == "paused" and src.pause_holders == {PAUSE_USER}
+    assert not runs(src)
+
+
+def test_pause_that_times_out_is_rolled_back(machines, monkeypatch):
+    src = machines("src")
+    monkeypatch.setattr(src, "_all_parked", lambda: False)
+    with pytest.raises(MachineError, match="did not stop"):
+        src.pause(PAUSE_MIGRATION, timeout=0.2)
+    monkeypatch.undo()
+    assert src.pause_holders == frozenset() and src.status == "running"
+    assert runs(src)
+    src.pause()
+    assert src.status == "paused"
+
+
+class WritingDevice(Device):
+    """A device with a thread of its own that writes guest RAM (like a
+    network device's receive path) and counts what it could not write."""
+
+    name = "writer"
+
+    def __init__(self, memory):
+        self.memory = memory
+        self.quiesced_at = None
+        self.refused = 0
+        self.written = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        while not self._stop.wait(0.001):
+            try:
+                self.memory.write(0x600000, self.written.to_bytes(8, "little"))
+                self.written += 1
+            except GuestMemoryError:
+                self.refused += 1
+
+    def quiesce(self):
+        self.quiesced_at = time.monotonic()
+
+    def close(self):
+        self._stop.set()
+
+
+def test_devices_quiesce_and_guest_ram_freezes_while_paused(machines):
+    src, dst = machines("src"), machines("dst")
+    dev = WritingDevice(src.memory)
+    src.pio.register(0x500, 1, dev)
+    twin = Device()
+    twin.name = "writer"
+    dst.pio.register(0x500, 1, twin)
+    saved = {}
+
+    def on_paused(m):
+        saved["quiesced"] = dev.quiesced_at is not None
+        saved["written"] = dev.written
+        time.sleep(0.05)
+        saved["after"] = dev.written
+    try:
+        q, res = migrate_over_loopback(src, dst, free_pages="off", verify=True,
+                                       downtime_ms=1000, on_paused=on_paused)
+    finally:
+        dev.close()
+    assert q["status"] == "completed", q
+    assert res["rx"].verified
+    assert saved["quiesced"]
+    assert saved["after"] == saved["written"], "a device wrote guest RAM while paused"
+    assert dev.refused > 0
+    # what it wrote before the pause arrived
+    assert dst.memory.read_u64(0x600000) == saved["written"] - 1
+
+
+def test_guest_that_cannot_converge_is_cancelled_and_keeps_running(machines):
+    src, dst = machines("src"), machines("dst")
+    # 1024 pages rewritten all the time; 2 MiB/s carries 150 of them in 300 ms
+    q, res = migrate_over_loopback(src, dst, free_pages="off", downtime_ms=300,
+                                   max_bandwidth_mib=2, max_rounds=1, timeout=60)
+    assert q["status"] == "failed", q
+    assert "did not converge" in q["error"] and "keeps running" in q["error"]
+    assert src.status == "running" and runs(src)
+    assert "error" in res
+
+
+def test_forced_pause_says_it_went_over_the_limit(machines):
+    src, dst = machines("src"), machines("dst")
+    q, res = migrate_over_loopback(src, dst, free_pages="off", downtime_ms=300,
+                                   max_bandwidth_mib=8, max_rounds=1, verify=True,
+                                   downtime_strategy="force", timeout=60)
+    assert q["status"] == "completed", q
+    assert res["rx"].verified
+    assert q["downtime_exceeded"] and q["downtime_ms"] > 300
+    assert "paused anyway" in q["warning"]
+    assert set(q["downtime_parts"]) == {"pause", "save", "final_sync", "final_send",
+                                        "verify", "complete"}
+
+
+def test_converging_migration_keeps_its_downtime_limit(machines):
+    src, dst = machines("src"), machines("dst")
+    q, _ = migrate_over_loopback(src, dst, free_pages="off", downtime_ms=100)
+    assert q["status"] == "completed", q
+    assert q["downtime_ms"] <= 100 or q["warning"], q
+
+
+def test_ring_guest_migrates_with_the_default_dirty_log(machines):
+    src = machines("src", dirty_ring_bytes=64 * 1024)
+    dst = machines("dst", dirty_ring_bytes=64 * 1024)
+    q, res = migrate_over_loopback(src, dst, free_pages="off", verify=True, downtime_ms=1000)
+    assert q["status"] == "completed", q
+    assert q["dirty_log"] == "ring"
+    assert res["rx"].verified
+
+
+def test_ring_guest_refuses_the_bitmap_before_anything_changes(machines):
+    src = machines("src", dirty_ring_bytes=64 * 1024)
+    with pytest.raises(MigrationError, match="dirty ring"):
+        Migration(src, MigrationParams(uri="tcp:127.0.0.1:1", dirty_log="bitmap"))
+    assert not src.dirty_logging and runs(src)
+
+
+class FakeRingVcpu:
+    """What Vcpu.harvest_parked_dirty_ring works on: a ring and an index."""
+
+    def __init__(self, n):
+        from hv.kvm import DIRTY_GFN_DTYPE
+        self.dirty_ring = np.zeros(n, dtype=DIRTY_GFN_DTYPE)
+        self._ring_index = 0
+
+
+def test_overfilled_ring_is_recovered():
+    from hv._kvm import lib
+    from hv.kvm import Vcpu
+    n = 64
+    v = FakeRingVcpu(n)
+    ring = v.dirty_ring
+    # KVM wrapped: every entry published, some overwritten
+    ring["flags"] = lib.KVM_DIRTY_GFN_F_DIRTY
+    ring["offset"] = np.arange(n) + 100
+    slots, offsets, overflowed = Vcpu.harvest_parked_dirty_ring(v)
+    assert overflowed and len(offsets) == n
+    assert (ring["flags"] == lib.KVM_DIRTY_GFN_F_RESET).all()
+    # KVM reset what it could and pushes on from slot 10: found, index re-synced
+    ring["flags"] = 0
+    ring["flags"][10:20] = lib.KVM_DIRTY_GFN_F_DIRTY
+    slots, offsets, overflowed = Vcpu.harvest_parked_dirty_ring(v)
+    assert not overflowed and list(offsets) == list(range(110, 120))
+    assert v._ring_index % n == 20
+    ring["flags"] = 0
+    ring["flags"][20:23] = lib.KVM_DIRTY_GFN_F_DIRTY
+    ring["offset"][20:23] = [7, 8, 9]
+    assert list(Vcpu.harvest_dirty_ring_arrays(v)[1]) == [7, 8, 9]
