@@ -48,6 +48,7 @@ from . import boot as bootmod
 from . import cpu as cpumod
 from . import kvm as K
 from . import mptable
+from . import params
 from ._kvm import lib
 from .devices import Device, IrqLine
 from .devices.bus import Bus
@@ -864,12 +865,10 @@ class Machine:
         return {}
 
     def _cmd_console_input(self, args: dict) -> dict:
-        data = args.get("data")
-        if not isinstance(data, str):
-            raise MachineError('console-input needs "data": the text to type (a string)')
-        timeout = args.get("timeout_s", CONSOLE_INPUT_TIMEOUT_S)
-        if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout < 0:
-            raise MachineError('console-input: "timeout_s" must be a number >= 0')
+        params.refuse_unknown("console-input", args, ("data", "timeout_s"))
+        data = params.take(args, "data", params.string)
+        timeout = params.take(args, "timeout_s", params.number, 0, 3600,
+                              default=CONSOLE_INPUT_TIMEOUT_S)
         return {"bytes": self.console_input(data.encode(), timeout)}
 
     def _cmd_quit(self, args: dict) -> dict:

@@ -57,8 +57,8 @@ def choice(name: str, value, choices) -> str:
 
 
 def string(name: str, value) -> str:
-    if not isinstance(value, str) or not value:
-        raise _expects(name, "a non-empty string")
+    if not isinstance(value, str):
+        raise _expects(name, "a string")
     return value
 
 

@@ -11,6 +11,7 @@ from conftest import Console
 from hv import control
 from hv import kvm as K
 from hv.machine import Machine, MachineConfig, MachineError
+from hv.params import ParameterError
 
 pytestmark = pytest.mark.kvm
 
@@ -286,9 +287,12 @@ def test_console_input_fills_the_uart_fifo():
             m.commands["console-input"]({"data": "x" * RX_CAPACITY, "timeout_s": 0.1})
         assert len(m.serial.rx) == RX_CAPACITY
         assert not m.serial.lsr & 0x02            # no overrun reported to the guest
-        for bad in ({}, {"data": 5}, {"data": "a", "timeout_s": -1}):
-            with pytest.raises(MachineError, match="console-input"):
+        for bad in ({}, {"data": 5}, {"data": "a", "timeout_s": -1},
+                    {"data": "a", "timeout_s": float("nan")}, {"data": "a", "timeout_s": True}):
+            with pytest.raises(ParameterError, match="Parameter '(data|timeout_s)'"):
                 m.commands["console-input"](bad)
+        with pytest.raises(ParameterError, match="unknown argument 'nope'"):
+            m.commands["console-input"]({"data": "a", "nope": 1})
     finally:
         m.close()
 

@@ -31,12 +31,14 @@ block the vCPU.
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import threading
 import time
 
 import numpy as np
 
+from ... import params
 from ...memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, pack_bitmap, unpack_bitmap
 from .balloon_defs import (
     BITMAP_F_ABORTED, BITMAP_F_LAST, BITMAP_HDR, CFG_ACTUAL, CFG_FREE_PAGE_BITMAP_CMD_ID,
@@ -305,6 +307,9 @@ class Balloon(VirtioDevice):
         self.memory.mark_dirty(gpa, length)
 
     def set_target(self, target_mib: float) -> None:
+        if isinstance(target_mib, bool) or not isinstance(target_mib, (int, float)) or \
+                not math.isfinite(target_mib):
+            raise BalloonError(f"balloon target {target_mib!r} is not a number of MiB")
         pages = int(target_mib * MIB_PAGES)
         if pages < 0 or pages > self.npages:
             raise BalloonError(f"balloon target {target_mib} MiB is outside 0.."
@@ -537,14 +542,16 @@ class Balloon(VirtioDevice):
 
     # -- commands --------------------------------------------------------------------
     def _cmd_balloon(self, args: dict):
-        if "target_mib" not in args:
-            raise BalloonError('balloon needs {"target_mib": N}')
-        self.set_target(args["target_mib"])
+        params.refuse_unknown("balloon", args, ("target_mib",))
+        self.set_target(params.take(args, "target_mib", params.number, 0,
+                                    self.npages / MIB_PAGES))
         return {}
 
     def _cmd_query(self, args: dict):
-        if args.get("refresh"):
-            self.request_stats(int(args.get("timeout_ms", 2000)))
+        params.refuse_unknown("query-balloon", args, ("refresh", "timeout_ms"))
+        if params.take(args, "refresh", params.boolean, default=False):
+            self.request_stats(params.take(args, "timeout_ms", params.integer, 0, 600_000,
+                                           default=2000))
         with self.lock:
             return {"target_mib": self.num_pages / MIB_PAGES,
                     "actual_mib": self.actual / MIB_PAGES,
@@ -557,7 +564,9 @@ class Balloon(VirtioDevice):
                     "poison_value": self.poison_value()}
 
     def _cmd_bitmap(self, args: dict):
-        _, info = self.request_free_page_bitmap(int(args.get("timeout_ms", 30000)))
+        params.refuse_unknown("request-free-page-bitmap", args, ("timeout_ms",))
+        _, info = self.request_free_page_bitmap(
+            params.take(args, "timeout_ms", params.integer, 1, 600_000, default=30000))
         return {"free_pages": info["free_pages"], "total_pages": info["total_pages"],
                 "elapsed_ms": info["elapsed_ms"], "chunks": info["chunks"]}
 
