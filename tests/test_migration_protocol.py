@@ -301,3 +301,69 @@ def test_mutated_streams_never_resume_wrongly(data):
     # have restored exactly the source's memory and state.
     assert m.resumed and (m.memory.array() == src.array()).all()
     assert m.restored == {"cpu": {"rip": 1}}
+
+
+# ------------------------------------------------------- FREE and prefault
+
+def free_stream(mem_size, starts, counts, channel=0, channels=1):
+    msgs = [P.Hello(PAGE_SIZE, mem_size, channels=channels, channel=channel),
+            P.Ranges(P.Command.FREE, starts, counts)]
+    if channel == 0:
+        msgs.append(P.state({"cpu": {"rip": 1}}))
+    return stream_of(*msgs, P.Control(P.Command.COMPLETE))
+
+
+def test_free_ranges_give_prefaulted_memory_back():
+    """The destination prefaults all of guest RAM while it waits; the pages
+    the source skipped as free arrive as FREE ranges and cost it nothing."""
+    from hv.migration.receiver import Prefault
+    mem = GuestMemory(16 << 20)
+    npg = mem.npages
+    pf = Prefault(mem).start()
+    pf.thread.join()
+    if mem.resident_bytes() != mem.size:
+        pytest.skip("the host kernel cannot prefault (MADV_POPULATE_WRITE)")
+    mem.array()[:] = 0xEE           # whatever the prefaulted pages hold
+    rx = Receiver(mem, lambda s: None, prefault=pf)
+    stats = rx.run(free_stream(mem.size, [0, npg // 2], [npg // 4, npg // 2]))
+    assert stats["free_pages"] == 3 * npg // 4 and stats["zero_pages"] == 0
+    assert mem.resident_bytes() <= npg // 4 * PAGE_SIZE
+    a = mem.array()
+    assert not a[:npg // 4 * PAGE_SIZE].any() and not a[npg // 2 * PAGE_SIZE:].any()
+    assert (a[npg // 4 * PAGE_SIZE:npg // 2 * PAGE_SIZE] == 0xEE).all()
+    # A secondary connection takes FREE ranges as well.
+    pf = Prefault(mem).start()
+    pf.thread.join()
+    sub = Receiver(mem, secondary=True, prefault=pf)
+    assert sub.run(free_stream(mem.size, [0], [npg], channel=1, channels=2))["free_pages"] == npg
+    assert mem.resident_bytes() == 0
+
+
+class SlowlyPrefaulted(GuestMemory):
+    """populate() in small steps with a pause between them, so that it is
+    still running when the first pages arrive."""
+
+    def populate(self, stop=None, step=64 << 10):
+        import mmap
+        import time
+        from hv.memory import MADV_POPULATE_WRITE
+        for start in range(0, self.size, step):
+            if stop is not None and stop.is_set():
+                return True
+            try:
+                self._map.madvise(MADV_POPULATE_WRITE, start, step)
+            except OSError:
+                return False
+            time.sleep(0.002)
+        return True
+
+
+def test_prefault_stops_before_pages_are_discarded():
+    from hv.migration.receiver import Prefault
+    mem = SlowlyPrefaulted(16 << 20)
+    pf = Prefault(mem).start()
+    rx = Receiver(mem, lambda s: None, prefault=pf)
+    rx.run(free_stream(mem.size, [0], [mem.npages]))
+    pf.thread.join(5)               # had it gone on, it would fault everything back in
+    assert not pf.thread.is_alive()
+    assert mem.resident_bytes() == 0

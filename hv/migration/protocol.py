@@ -26,6 +26,9 @@ Commands and their payloads:
     RUNNING  9  empty: the destination restored and resumed the guest
     ERROR   10  UTF-8 message: the peer gives up, and says why
     CANCEL  11  UTF-8 reason: the source gives up
+    FREE    12  range table (the source skipped these pages as free: their
+                content is undefined, the destination discards its copy so
+                that they cost it no memory; no data)
 
 A range table is: count u32, pattern u32 (FILL only, else 0), then count
 pairs of (start pfn u64, page count u64). Ranges are page frame numbers of
@@ -37,8 +40,9 @@ Message sequence (one connection; `connections: N` opens N, see below):
     source (hv.migration.sender)          destination (hv.migration.receiver)
       |-- HELLO -------------------------->|  checks version, page size,
       |<------------------------- ACK -----|  memory size (or ERROR)
-      |-- ZERO / FILL / MEMORY ... ------->|  bulk pass: every page that is
-      |                                    |  neither free nor zero has data
+      |-- FREE / ZERO / FILL / MEMORY ---->|  bulk pass: every page that is
+      |                                    |  neither free nor zero has data;
+      |                                    |  free pages are FREE ranges
       |-- ZERO / MEMORY ... -------------->|  dirty rounds
       |   (source pauses its vCPUs)        |
       |-- ZERO / MEMORY ... -------------->|  last dirty pages
@@ -54,7 +58,7 @@ Message sequence (one connection; `connections: N` opens N, see below):
 
 With N connections, connection 0 carries the sequence above; connections
 1..N-1 each send HELLO (channel i, same session) and get ACK, then carry
-only ZERO / FILL / MEMORY and end with COMPLETE. A page always travels on
+only FREE / ZERO / FILL / MEMORY and end with COMPLETE. A page always travels on
 the same connection (memory is striped in fixed blocks), so rounds stay in
 order per page; the destination applies STATE/COMPLETE of connection 0 only
 after every other connection has sent COMPLETE.
@@ -63,7 +67,7 @@ Destination states (hv.migration.receiver.Receiver, one function over
 (state, command); anything not in the table is refused with ProtocolError
 naming what was expected):
 
-      WAIT_HELLO --HELLO--> MEMORY --MEMORY|ZERO|FILL--> MEMORY
+      WAIT_HELLO --HELLO--> MEMORY --MEMORY|ZERO|FILL|FREE--> MEMORY
                               |
                               +--STATE--> STATE --VERIFY--> STATE
                                             |
@@ -121,6 +125,7 @@ class Command(enum.IntEnum):
     RUNNING = 9
     ERROR = 10
     CANCEL = 11
+    FREE = 12
 
 
 class MigrationError(HvError):
@@ -194,7 +199,7 @@ def _u64(a) -> np.ndarray:
 
 @dataclass
 class Ranges:
-    """MEMORY, ZERO, FILL and VERIFY: a range table (and, for MEMORY, the pages'
+    """MEMORY, ZERO, FILL, FREE and VERIFY: a range table (and, for MEMORY, the pages'
     data; for VERIFY, one hash per page). `data` is used by in-memory streams
     and tests; the socket path moves page data straight from/to guest
     memory."""
@@ -237,7 +242,7 @@ class Ranges:
                          and np.array_equal(self.hashes, other.hashes))))
 
 
-RANGE_COMMANDS = (Command.MEMORY, Command.ZERO, Command.FILL, Command.VERIFY)
+RANGE_COMMANDS = (Command.MEMORY, Command.ZERO, Command.FILL, Command.FREE, Command.VERIFY)
 
 
 def parse_table(command: Command, head: bytes) -> tuple[int, int]:

@@ -44,6 +44,7 @@ _PAGE_TRANSITIONS = {
     (State.MEMORY, Command.MEMORY): State.MEMORY,
     (State.MEMORY, Command.ZERO): State.MEMORY,
     (State.MEMORY, Command.FILL): State.MEMORY,
+    (State.MEMORY, Command.FREE): State.MEMORY,
 }
 
 # The destination's (state, command) -> next state table, primary connection.
@@ -70,11 +71,14 @@ class Receiver:
 
     restore(state_dict) and resume() are called, in that order, only after
     COMPLETE arrived with everything checked; RUNNING is sent after resume().
+    A Prefault still faulting in `memory` is stopped (and waited for) when
+    the first message after HELLO arrives, so that it never faults a page
+    back in after ZERO or FREE discarded it.
     """
 
     def __init__(self, memory, restore: Callable[[dict], None] | None = None,
                  resume: Callable[[], None] | None = None, *, secondary: bool = False,
-                 require_verify: bool = False, log=None):
+                 require_verify: bool = False, log=None, prefault: "Prefault | None" = None):
         self.memory = memory
         self.npages = memory.size // PAGE_SIZE
         self.restore = restore
@@ -87,11 +91,12 @@ class Receiver:
         self.machine_state = None
         self.verified: bool | None = None
         self.log = log or (lambda msg: None)
+        self.prefault = prefault
         # Filled by incoming() for multi-connection migrations.
         self.secondaries: list["Receiver"] = []
         self.secondary_threads: list[threading.Thread] = []
-        self.stats = {"pages": 0, "zero_pages": 0, "fill_pages": 0, "bytes": 0,
-                      "messages": 0, "restore_ms": None}
+        self.stats = {"pages": 0, "zero_pages": 0, "fill_pages": 0, "free_pages": 0,
+                      "bytes": 0, "messages": 0, "restore_ms": None}
         self.first_message_at = None
         self.completed_at = None
 
@@ -114,6 +119,8 @@ class Receiver:
             raise ProtocolError(
                 f"unexpected {h.command.name} in state {prev.name}; expected "
                 f"{' or '.join(expected(self.table, prev)) or 'nothing'}")
+        if self.prefault is not None and self.state != State.WAIT_HELLO:
+            self.prefault.stop()
         msg = stream.recv_body(h, self.npages,
                                mem=self.memory if h.command == Command.MEMORY else None)
         handler = getattr(self, "_on_" + h.command.name.lower())
@@ -179,6 +186,12 @@ class Receiver:
         pages.fill(self.memory, msg.starts, msg.counts, msg.pattern, discard=True)
         self.stats["fill_pages"] += msg.npages
 
+    def _on_free(self, msg: Ranges, stream: Stream) -> None:
+        # Whatever the page held is undefined at the source: drop our copy
+        # (MADV_DONTNEED), which frees its host memory and leaves a zero page.
+        pages.fill(self.memory, msg.starts, msg.counts, 0, discard=True)
+        self.stats["free_pages"] += msg.npages
+
     def _on_state(self, msg, stream: Stream) -> None:
         self.machine_state = decode_state(msg.payload)
 
@@ -226,9 +239,31 @@ class Receiver:
             if r.state != State.COMPLETE:
                 raise MigrationError(f"a secondary connection ended in state {r.state.name}: "
                                      f"{getattr(r, 'error', None) or 'no COMPLETE'}")
-            for k in ("pages", "zero_pages", "fill_pages", "bytes"):
+            for k in ("pages", "zero_pages", "fill_pages", "free_pages", "bytes"):
                 self.stats[k] += r.stats[k]
         self.secondaries, self.secondary_threads = [], []
+
+
+class Prefault:
+    """Faults in all of guest RAM on a thread (GuestMemory.populate) while the
+    destination waits for the source. stop() ends it and waits for the step
+    in progress, so that afterwards nothing but the stream touches memory."""
+
+    def __init__(self, memory):
+        self._stop = threading.Event()
+        populate = getattr(memory, "populate", None)
+        self.thread = None if populate is None else threading.Thread(
+            target=populate, args=(self._stop,), name="hv-prefault", daemon=True)
+
+    def start(self) -> "Prefault":
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread is not None and self.thread.ident is not None:
+            self.thread.join()
 
 
 # ------------------------------------------------------------------- URIs
@@ -272,7 +307,8 @@ def tune_socket(sock: socket.socket) -> None:
 
 def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             timeout: float = 60.0, accept_timeout: float | None = None,
-            require_verify: bool = False, log=None, should_stop=None) -> Receiver:
+            require_verify: bool = False, log=None, should_stop=None,
+            prefault: Prefault | None = None) -> Receiver:
     """Accept a migration on `listener` and drive it to COMPLETE (restore,
     resume, RUNNING). Returns the Receiver; raises MigrationError."""
     log = log or (lambda msg: None)
@@ -294,7 +330,8 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
     conn.settimeout(timeout)
     log(f"incoming migration from {peer[0]}:{peer[1]}")
     stream = SocketStream(conn, timeout=timeout)
-    rx = Receiver(memory, restore, resume, require_verify=require_verify, log=log)
+    rx = Receiver(memory, restore, resume, require_verify=require_verify, log=log,
+                  prefault=prefault)
     streams = [stream]
     try:
         try:
@@ -314,7 +351,7 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             c.settimeout(timeout)
             s2 = SocketStream(c, timeout=timeout)
             streams.append(s2)
-            sub = Receiver(memory, secondary=True, log=log)
+            sub = Receiver(memory, secondary=True, log=log, prefault=prefault)
             sub.error = None
 
             def run_sub(sub=sub, s2=s2):
@@ -359,8 +396,9 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
     With prefault, a thread faults in all of guest RAM while the receiver
     waits for the source (like QEMU's -mem-prealloc), so that page data later
     lands in memory that is already mapped instead of paying a page fault per
-    page on the critical path; the cost is that the destination holds all of
-    guest RAM at once, free pages included.
+    page on the critical path. The prefault stops when the source's first
+    message after HELLO arrives; the pages the source then calls FREE (or
+    ZERO) are discarded again, so they cost the destination no memory.
     """
     def log(msg):
         if verbose:
@@ -372,13 +410,7 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
         except AttributeError:
             pass
     listener = listen(uri)
-    stop_prefault = threading.Event()
-    prefaulter = None
-    populate = getattr(machine.memory, "populate", None)
-    if prefault and populate is not None:
-        prefaulter = threading.Thread(target=populate, args=(stop_prefault,),
-                                      name="hv-prefault", daemon=True)
-        prefaulter.start()
+    prefaulter = Prefault(machine.memory).start() if prefault else None
     try:
         host, port = listener.getsockname()[:2]
         log(f"waiting for an incoming migration on {host}:{port}")
@@ -388,19 +420,19 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
         rx = receive(machine.memory, listener, machine.restore_state,
                      lambda: _resume_machine(machine), timeout=timeout,
                      accept_timeout=accept_timeout, require_verify=require_verify, log=log,
-                     should_stop=lambda: getattr(machine, "status", None) == "shutdown")
+                     should_stop=lambda: getattr(machine, "status", None) == "shutdown",
+                     prefault=prefaulter)
     finally:
         listener.close()
-        stop_prefault.set()
         if prefaulter is not None:
-            prefaulter.join()
+            prefaulter.stop()
     stats = dict(rx.stats)
     stats["verified"] = rx.verified
     stats["total_ms"] = round((time.monotonic() - t0) * 1000, 3)
     log(f"migration received: {stats['pages']} pages with data, {stats['zero_pages']} zero, "
-        f"{stats['fill_pages']} filled; guest running")
+        f"{stats['fill_pages']} filled, {stats['free_pages']} free; guest running")
     return stats
 
 
-__all__ = ["Receiver", "State", "TRANSITIONS", "incoming", "receive", "listen", "parse_uri",
+__all__ = ["Prefault", "Receiver", "State", "TRANSITIONS", "incoming", "receive", "listen", "parse_uri",
            "tune_socket", "VERSION"]
