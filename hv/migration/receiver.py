@@ -27,7 +27,7 @@ from ..memory import PAGE_SIZE
 from . import pages
 from .protocol import (
     FEATURES, VERSION, Command, Control, Hello, MigrationError, PeerError, ProtocolError, Ranges,
-    SocketStream, Stream, ack, decode_state, error)
+    SocketStream, Stream, ack, decode_state, error, reason)
 
 
 class State(enum.Enum):
@@ -143,8 +143,8 @@ class Receiver:
             raise
         except Exception as e:
             self.state = State.FAILED
-            self._send_error(stream, f"destination failed: {e}")
-            raise MigrationError(f"migration failed on the destination: {e}") from e
+            self._send_error(stream, f"destination failed: {reason(e)}")
+            raise MigrationError(f"migration failed on the destination: {reason(e)}") from e
         return self.stats
 
     @staticmethod
@@ -224,7 +224,7 @@ class Receiver:
             try:
                 self.restore(self.machine_state)
             except Exception as e:
-                raise MigrationError(f"restoring the machine state failed: {e}") from e
+                raise MigrationError(f"restoring the machine state failed: {reason(e)}") from e
         if self.resume is not None:
             self.resume()
         self.stats["restore_ms"] = round((time.monotonic() - t0) * 1000, 3)
@@ -360,7 +360,7 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
                     if sub.hello.session != rx.hello.session:
                         raise ProtocolError("secondary connection of another session")
                 except Exception as e:   # reported through _wait_secondaries
-                    sub.error = str(e)
+                    sub.error = reason(e)
                     sub.state = State.FAILED
             t = threading.Thread(target=run_sub, name=f"hv-migrate-rx-{i}", daemon=True)
             t.start()
