@@ -342,3 +342,57 @@ def test_destination_restore_failure_resumes_source():
     assert src.status == "running" and not src.shut and not dst.running
     assert q["downtime_ms"] is None
     src.close()
+
+
+def test_second_source_is_refused_at_once_while_the_first_completes():
+    src, dst = FakeSource(), FakeDest()
+    port, t, res = start_receiver(dst)
+    first = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", dirty_log="vmm",
+                                           verify=True, max_bandwidth_mib=16)).start()
+    deadline = time.monotonic() + 10
+    while first.query()["status"] != "active":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    other = FakeSource()
+    t0 = time.monotonic()
+    second = Migration(other, MigrationParams(uri=f"tcp:127.0.0.1:{port}", dirty_log="vmm",
+                                              timeout_s=20))
+    second.run()
+    q2 = second.query()
+    assert time.monotonic() - t0 < 2 and not first.finished
+    assert q2["status"] == "failed", q2
+    assert q2["error"].startswith("the destination refused the migration: a migration "
+                                  "(session 0x"), q2
+    assert "is already being received; this destination accepts one source at a time" \
+        in q2["error"]
+    assert other.status == "running" and not other.shut
+    q1 = first.wait(30)
+    t.join(10)
+    assert q1["status"] == "completed", q1
+    assert "error" not in res, res.get("error")
+    check_same(src, dst)
+    other.close()
+
+
+def test_silent_and_garbage_connections_do_not_stop_the_source():
+    src, dst = FakeSource(), FakeDest()
+    port, t, res = start_receiver(dst)
+    silent = socket.create_connection(("127.0.0.1", port))
+    garbage = socket.create_connection(("127.0.0.1", port))
+    garbage.sendall(b"GET / HTTP/1.0\r\n\r\n" + b"x" * 64)
+    time.sleep(0.2)                 # both are accepted before the real source
+    t0 = time.monotonic()
+    m = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", dirty_log="vmm",
+                                       verify=True, connections=2))
+    m.run()
+    t.join(10)
+    q = m.query()
+    assert q["status"] == "completed", q
+    assert time.monotonic() - t0 < 4          # well within the 5 s handshake timeout
+    assert "error" not in res, res.get("error")
+    check_same(src, dst)
+    assert garbage.recv(4096)[:4] == b"HVMG"  # told why (ERROR), then closed
+    silent.settimeout(10)
+    assert silent.recv(1) == b""              # dropped once its handshake time was up
+    silent.close()
+    garbage.close()

@@ -301,3 +301,326 @@ def test_mutated_streams_never_resume_wrongly(data):
     # have restored exactly the source's memory and state.
     assert m.resumed and (m.memory.array() == src.array()).all()
     assert m.restored == {"cpu": {"rip": 1}}
+
+
+# ------------------------------------------------------- FREE and prefault
+
+def free_stream(mem_size, starts, counts, channel=0, channels=1):
+    msgs = [P.Hello(PAGE_SIZE, mem_size, channels=channels, channel=channel),
+            P.Ranges(P.Command.FREE, starts, counts)]
+    if channel == 0:
+        msgs.append(P.state({"cpu": {"rip": 1}}))
+    return stream_of(*msgs, P.Control(P.Command.COMPLETE))
+
+
+def test_free_ranges_give_prefaulted_memory_back():
+    """The destination prefaults all of guest RAM while it waits; the pages
+    the source skipped as free arrive as FREE ranges and cost it nothing."""
+    from hv.migration.receiver import Prefault
+    mem = GuestMemory(16 << 20)
+    npg = mem.npages
+    pf = Prefault(mem).start()
+    pf.thread.join()
+    if mem.resident_bytes() != mem.size:
+        pytest.skip("the host kernel cannot prefault (MADV_POPULATE_WRITE)")
+    mem.array()[:] = 0xEE           # whatever the prefaulted pages hold
+    rx = Receiver(mem, lambda s: None, prefault=pf)
+    stats = rx.run(free_stream(mem.size, [0, npg // 2], [npg // 4, npg // 2]))
+    assert stats["free_pages"] == 3 * npg // 4 and stats["zero_pages"] == 0
+    assert mem.resident_bytes() <= npg // 4 * PAGE_SIZE
+    a = mem.array()
+    assert not a[:npg // 4 * PAGE_SIZE].any() and not a[npg // 2 * PAGE_SIZE:].any()
+    assert (a[npg // 4 * PAGE_SIZE:npg // 2 * PAGE_SIZE] == 0xEE).all()
+    # A secondary connection takes FREE ranges as well.
+    pf = Prefault(mem).start()
+    pf.thread.join()
+    sub = Receiver(mem, secondary=True, prefault=pf)
+    assert sub.run(free_stream(mem.size, [0], [npg], channel=1, channels=2))["free_pages"] == npg
+    assert mem.resident_bytes() == 0
+
+
+class SlowlyPrefaulted(GuestMemory):
+    """populate() in small steps with a pause between them, so that it is
+    still running when the first pages arrive."""
+
+    def populate(self, stop=None, step=64 << 10):
+        import mmap
+        import time
+        from hv.memory import MADV_POPULATE_WRITE
+        for start in range(0, self.size, step):
+            if stop is not None and stop.is_set():
+                return True
+            try:
+                self._map.madvise(MADV_POPULATE_WRITE, start, step)
+            except OSError:
+                return False
+            time.sleep(0.002)
+        return True
+
+
+def test_prefault_stops_before_pages_are_discarded():
+    from hv.migration.receiver import Prefault
+    mem = SlowlyPrefaulted(16 << 20)
+    pf = Prefault(mem).start()
+    rx = Receiver(mem, lambda s: None, prefault=pf)
+    rx.run(free_stream(mem.size, [0], [mem.npages]))
+    pf.thread.join(5)               # had it gone on, it would fault everything back in
+    assert not pf.thread.is_alive()
+    assert mem.resident_bytes() == 0
+
+
+# ----------------------------------------- hostile tables, lengths and STATE
+#
+# Whatever the wire says, the receiver refuses with MigrationError before it
+# allocates or reads for it: it never holds more than about guest RAM plus a
+# few MiB, never writes outside the memory HELLO announced, and says why.
+
+GUARD = 16                      # pages after the announced memory: a canary
+SMALL = 16 << 20                # what the receiver may hold beyond guest RAM
+
+
+class GuardedMemory:
+    """The first NPAGES pages of a bigger mapping, as the receiver's guest
+    memory; the GUARD pages after them must never change."""
+
+    def __init__(self, npages=NPAGES):
+        self.backing = GuestMemory((npages + GUARD) * PAGE_SIZE)
+        self.npages, self.size = npages, npages * PAGE_SIZE
+        self.host_addr = self.backing.host_addr
+        self.view = self.backing.view[:self.size]
+        self.backing.array()[self.size:] = 0xC5
+
+    def array(self):
+        return self.backing.array()[:self.size]
+
+    def guard_intact(self) -> bool:
+        return bool((self.backing.array()[self.size:] == 0xC5).all())
+
+
+class ReadLimitStream(P.BufferStream):
+    """Records the largest single read: a socket stream allocates that much
+    before the bytes arrive."""
+
+    largest = 0
+
+    def read(self, n):
+        self.largest = max(self.largest, n)
+        return super().read(n)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE_SIZE
+
+
+def hostile_run(raw: bytes, mem=None, after_state=False):
+    """Feed HELLO (and a STATE, so that VERIFY is expected) + raw through
+    Receiver.step; return (error, rx, stream, tracemalloc peak)."""
+    import tracemalloc
+    mem = mem or GuardedMemory()
+    hello = P.BufferStream()
+    hello.send(P.Hello(PAGE_SIZE, mem.size))
+    if after_state:
+        hello.send(P.state({"cpu": {"rip": 1}}))
+    s = ReadLimitStream(io.BytesIO(hello.f.getvalue() + raw), out=io.BytesIO())
+    rx = Receiver(mem, lambda st_: None, lambda: None)
+    rss0 = rss_bytes()
+    tracemalloc.start()
+    try:
+        with pytest.raises(P.MigrationError) as e:
+            while rx.state != State.COMPLETE:
+                rx.step(s)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    bound = mem.size + SMALL
+    assert peak < bound and rss_bytes() - rss0 < bound
+    assert s.largest <= bound, f"read of {s.largest} bytes asked for"
+    assert mem.guard_intact()
+    assert str(e.value)
+    return e.value, rx, s, peak
+
+
+def table(cmd, starts, counts, pattern=0, length=None, body=b""):
+    t = struct.pack("<II", len(starts), pattern)
+    t += b"".join(struct.pack("<QQ", s_, c_) for s_, c_ in zip(starts, counts))
+    n = len(t) + len(body) if length is None else length
+    return P.Header(cmd, n).pack() + t + body
+
+
+def framed_state(body: bytes) -> bytes:
+    import zlib
+    return P.STATE_MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+
+
+def test_overlapping_and_unsorted_ranges_are_refused():
+    # 8192 overlapping full-memory VERIFY ranges: once 4.5 GiB, now refused at once.
+    n = 8192
+    mem = GuardedMemory(1 << 15)
+    e, *_ = hostile_run(P.Header(P.Command.VERIFY, 8 + 16 * n + 8 * n * mem.npages).pack(),
+                        mem, after_state=True)
+    assert "exceeds" in str(e)
+    raw = (P.Header(P.Command.VERIFY, 8 + 16 * n + 8 * mem.npages).pack()
+           + struct.pack("<II", n, 0) + struct.pack("<QQ", 0, mem.npages) * n)
+    e, *_ = hostile_run(raw, mem, after_state=True)
+    assert "range 1 (pfn 0 + 32768 pages) overlaps or comes before range 0" in str(e)
+    e, *_ = hostile_run(table(P.Command.ZERO, [10, 2], [1, 1]))
+    assert "must be sorted" in str(e) and "range 1 (pfn 2 + 1 pages)" in str(e)
+    e, *_ = hostile_run(table(P.Command.FREE, [0, 3], [4, 1]))
+    assert "range 1 (pfn 3 + 1 pages) overlaps" in str(e)
+    # touching ranges are fine
+    s = stream_of(P.Hello(PAGE_SIZE, NPAGES * PAGE_SIZE),
+                  P.Ranges(P.Command.ZERO, [0, 4, 5], [4, 1, 59]))
+    rx = Receiver(FakeMachine().memory)
+    rx.step(s)
+    assert rx.step(s) == State.MEMORY and rx.stats["zero_pages"] == NPAGES
+
+
+def test_a_million_ranges_are_refused_quickly():
+    """One ZERO message of 2^20 full-memory ranges kept the receiver busy for
+    21 s; a table can never hold more ranges than the guest has pages, and
+    overlap is found in one pass."""
+    import time
+    mem = GuardedMemory(1 << 20)            # 4 GiB, never touched
+    n = 1 << 20
+    raw = (P.Header(P.Command.ZERO, 8 + 16 * n).pack() + struct.pack("<II", n, 0)
+           + np.tile(np.array([0, mem.npages], dtype="<u8"), n).tobytes())
+    t0 = time.monotonic()
+    e, *_ = hostile_run(raw, mem)
+    assert time.monotonic() - t0 < 5 and "overlaps" in str(e)
+    # no more ranges than pages
+    e, *_ = hostile_run(P.Header(P.Command.ZERO, 8 + 16 * (NPAGES + 1)).pack()
+                        + struct.pack("<II", NPAGES + 1, 0))
+    assert "exceeds" in str(e)
+    e, *_ = hostile_run(P.Header(P.Command.MEMORY, 8 + 16 * (NPAGES + 1)).pack()
+                        + struct.pack("<II", NPAGES + 1, 0))
+    assert f"range table of {NPAGES + 1} entries (expected 1..{NPAGES})" in str(e)
+
+
+@pytest.mark.parametrize("cmd", [P.Command.MEMORY, P.Command.VERIFY, P.Command.ZERO,
+                                 P.Command.FILL, P.Command.FREE])
+def test_lengths_beyond_guest_memory_are_refused_before_reading(cmd):
+    # 1 GiB of hashes, a 512 GiB table, 2^64-1: refused from the header alone.
+    for length in (1 << 30, 512 << 30, 2**64 - 1, 8 + 16 * NPAGES + 8 * NPAGES
+                   + NPAGES * PAGE_SIZE + 1):
+        e, rx, s, _ = hostile_run(P.Header(cmd, length).pack() + struct.pack("<II", 1, 0),
+                                  after_state=cmd == P.Command.VERIFY)
+        assert "exceeds" in str(e) and "pages of guest memory can need" in str(e)
+        assert s.largest <= 8 + 16 * NPAGES + PAGE_SIZE * NPAGES
+    e, *_ = hostile_run(table(cmd, [0], [512 << 18]), after_state=cmd == P.Command.VERIFY)
+    assert "outside guest memory" in str(e)
+
+
+def test_state_sizes_and_counts_are_bounded():
+    # 60 million None: 852 MiB once; the payload alone is far beyond any machine state.
+    e, *_ = hostile_run(P.Header(P.Command.STATE, 60_000_000 + 20).pack())
+    assert "STATE: payload of 60000020 bytes exceeds" in str(e)
+    # as many values as fit in the limit: refused by the element budget
+    nones = framed_state(b"l" + struct.pack("<I", 3 << 20) + b"N" * (3 << 20))
+    e, _, _, peak = hostile_run(P.Header(P.Command.STATE, len(nones)).pack() + nones)
+    assert "values; a machine state has far fewer" in str(e)
+    assert peak < 32 << 20
+    # a count that promises more items than bytes remain
+    for body in (b"l\xff\xff\xff\xffN", b"d" + struct.pack("<I", 3) + b"NNNNN",
+                 b"t" + struct.pack("<I", 1 << 30)):
+        raw = framed_state(body)
+        e, *_ = hostile_run(P.Header(P.Command.STATE, len(raw)).pack() + raw)
+        assert "does not fit in the" in str(e)
+    # an array whose shape product is astronomic
+    arr = framed_state(b"a" + P.encode_state("<u1")[12:]
+                       + P.encode_state([2**8000] * 64)[12:] + P.encode_state(b"")[12:])
+    e, *_ = hostile_run(P.Header(P.Command.STATE, len(arr)).pack() + arr)
+    assert "malformed array" in str(e)
+
+
+def test_every_failure_has_a_reason():
+    """An exception without a message (MemoryError()) still says what happened."""
+    class NoMemory(FakeMachine):
+        def restore_state(self, s):
+            raise MemoryError()
+    src = make_src()
+    m = NoMemory()
+    rx = Receiver(m.memory, m.restore_state, m.resume)
+    with pytest.raises(P.MigrationError, match="MemoryError"):
+        rx.run(stream_of(*good_messages(src), src=src))
+
+    class Flaky(P.BufferStream):
+        def read_pages(self, mem, starts, counts):
+            raise MemoryError()
+    raw = stream_of(*good_messages(src), src=src).f.getvalue()
+    rx = Receiver(FakeMachine().memory)
+    out = io.BytesIO()
+    with pytest.raises(P.MigrationError, match="migration failed on the destination: "
+                                               "MemoryError"):
+        rx.run(Flaky(io.BytesIO(raw), out=out))
+    assert b"destination failed: MemoryError" in out.getvalue()
+
+
+interesting = st.sampled_from([0, 1, 2, NPAGES - 1, NPAGES, NPAGES + 1, 2**32 - 1, 2**32,
+                               48 << 20, 2**52, 2**63, 2**64 - 1])
+u64 = st.integers(0, 2**64 - 1) | interesting
+u32 = st.integers(0, 2**32 - 1) | st.sampled_from([0, 1, NPAGES, NPAGES + 1, 1 << 20,
+                                                  2**32 - 1])
+range_cmd = st.sampled_from([P.Command.MEMORY, P.Command.ZERO, P.Command.FILL,
+                             P.Command.FREE, P.Command.VERIFY])
+
+
+@st.composite
+def hostile_range_message(draw):
+    cmd = draw(range_cmd)
+    n = draw(st.integers(0, 6))
+    starts = draw(st.lists(u64 | st.integers(0, NPAGES), min_size=n, max_size=n))
+    counts = draw(st.lists(u64 | st.integers(0, NPAGES), min_size=n, max_size=n))
+    head_n = draw(st.just(n) | u32)
+    body_len = {P.Command.MEMORY: PAGE_SIZE, P.Command.VERIFY: 8}.get(cmd, 0) * sum(
+        c for c in counts if c < 2**20)
+    length = draw(st.just(8 + 16 * n + body_len) | u64)
+    pattern = draw(st.just(0) | u32)
+    t = struct.pack("<II", head_n, pattern)
+    t += b"".join(struct.pack("<QQ", s_, c_) for s_, c_ in zip(starts, counts))
+    body = draw(st.binary(max_size=64)) + b"\x5a" * min(body_len, NPAGES * PAGE_SIZE)
+    return P.Header(cmd, length).pack() + t + body
+
+
+@st.composite
+def hostile_state(draw):
+    parts = draw(st.lists(
+        st.sampled_from([b"N", b"T", b"F", b"l", b"t", b"d", b"a", b"i", b"s", b"b", b"f",
+                         b"Z"]).flatmap(
+            lambda tag: st.just(tag) if tag in (b"N", b"T", b"F", b"Z") else
+            st.tuples(st.just(tag), u32.map(lambda v: struct.pack("<I", v)),
+                      st.binary(max_size=12)).map(b"".join)),
+        max_size=12))
+    body = b"".join(parts)
+    raw = framed_state(body) if draw(st.booleans()) else P.STATE_MAGIC + body
+    length = draw(st.just(len(raw)) | u64 | st.integers(0, P.MAX_STATE))
+    return P.Header(P.Command.STATE, length).pack() + raw
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.lists(hostile_range_message() | hostile_state(), min_size=1, max_size=4),
+       st.booleans())
+def test_hostile_messages_property(msgs, after_state):
+    hostile_run(b"".join(msgs), after_state=after_state)
+
+
+@settings(max_examples=150, suppress_health_check=[HealthCheck.too_slow], deadline=None)
+@given(st.data())
+def test_mutated_tables_property(data):
+    """Valid messages with a few bytes of their table or length overwritten."""
+    src = make_src()
+    raw = bytearray(stream_of(*good_messages(src)[1:5], src=src).f.getvalue())
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(raw) - 8))
+        raw[i:i + 8] = struct.pack("<Q", data.draw(u64))
+    mem = GuardedMemory()
+    hello = P.BufferStream()
+    hello.send(P.Hello(PAGE_SIZE, mem.size))
+    s = ReadLimitStream(io.BytesIO(hello.f.getvalue() + bytes(raw)), out=io.BytesIO())
+    rx = Receiver(mem, lambda st_: None, lambda: None)
+    try:
+        while rx.state != State.COMPLETE:
+            rx.step(s)
+    except P.MigrationError as e:
+        assert str(e)
+    assert s.largest <= mem.size + SMALL and mem.guard_intact()

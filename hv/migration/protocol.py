@@ -26,19 +26,30 @@ Commands and their payloads:
     RUNNING  9  empty: the destination restored and resumed the guest
     ERROR   10  UTF-8 message: the peer gives up, and says why
     CANCEL  11  UTF-8 reason: the source gives up
+    FREE    12  range table (the source skipped these pages as free: their
+                content is undefined, the destination discards its copy so
+                that they cost it no memory; no data)
 
 A range table is: count u32, pattern u32 (FILL only, else 0), then count
 pairs of (start pfn u64, page count u64). Ranges are page frame numbers of
 guest physical memory; they must lie inside the memory size the HELLO
-announced.
+announced, and within one message they are sorted and do not overlap.
+
+Everything the peer sends is checked before the receiver allocates or reads
+for it: a range table has at most min(MAX_RANGES, guest pages) entries, a
+payload is never longer than its table can need for the guest's memory, a
+STATE at most state_limit() bytes that decode to at most MAX_STATE_ITEMS
+values. So no stream makes the receiver hold more than about guest RAM (the
+pages themselves go straight into guest memory) plus a few MiB.
 
 Message sequence (one connection; `connections: N` opens N, see below):
 
     source (hv.migration.sender)          destination (hv.migration.receiver)
       |-- HELLO -------------------------->|  checks version, page size,
       |<------------------------- ACK -----|  memory size (or ERROR)
-      |-- ZERO / FILL / MEMORY ... ------->|  bulk pass: every page that is
-      |                                    |  neither free nor zero has data
+      |-- FREE / ZERO / FILL / MEMORY ---->|  bulk pass: every page that is
+      |                                    |  neither free nor zero has data;
+      |                                    |  free pages are FREE ranges
       |-- ZERO / MEMORY ... -------------->|  dirty rounds
       |   (source pauses its vCPUs)        |
       |-- ZERO / MEMORY ... -------------->|  last dirty pages
@@ -54,7 +65,7 @@ Message sequence (one connection; `connections: N` opens N, see below):
 
 With N connections, connection 0 carries the sequence above; connections
 1..N-1 each send HELLO (channel i, same session) and get ACK, then carry
-only ZERO / FILL / MEMORY and end with COMPLETE. A page always travels on
+only FREE / ZERO / FILL / MEMORY and end with COMPLETE. A page always travels on
 the same connection (memory is striped in fixed blocks), so rounds stay in
 order per page; the destination applies STATE/COMPLETE of connection 0 only
 after every other connection has sent COMPLETE.
@@ -63,7 +74,7 @@ Destination states (hv.migration.receiver.Receiver, one function over
 (state, command); anything not in the table is refused with ProtocolError
 naming what was expected):
 
-      WAIT_HELLO --HELLO--> MEMORY --MEMORY|ZERO|FILL--> MEMORY
+      WAIT_HELLO --HELLO--> MEMORY --MEMORY|ZERO|FILL|FREE--> MEMORY
                               |
                               +--STATE--> STATE --VERIFY--> STATE
                                             |
@@ -103,9 +114,10 @@ FEATURE_CHANNELS = 1 << 3
 FEATURES = FEATURE_ZERO | FEATURE_FILL | FEATURE_VERIFY | FEATURE_CHANNELS
 
 # Limits that keep a malformed header from making the receiver allocate
-# without bound.
+# without bound (see also state_limit()).
 MAX_RANGES = 1 << 20
 MAX_STATE = 64 << 20
+MAX_STATE_ITEMS = 1 << 18       # decoded values in one STATE (a machine has ~1000)
 MAX_MESSAGE = 1 << 20
 
 
@@ -121,6 +133,7 @@ class Command(enum.IntEnum):
     RUNNING = 9
     ERROR = 10
     CANCEL = 11
+    FREE = 12
 
 
 class MigrationError(HvError):
@@ -133,6 +146,20 @@ class ProtocolError(MigrationError):
 
 class PeerError(MigrationError):
     """The peer sent ERROR (or CANCEL) with its reason."""
+
+
+def reason(e: BaseException) -> str:
+    """What went wrong, never empty (MemoryError() and friends have no message)."""
+    text = str(e)
+    if isinstance(e, MigrationError) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def state_limit(mem_size: int) -> int:
+    """The largest STATE a guest of mem_size bytes can need: a fixed part
+    (vCPUs, devices) and the balloon's page bitmaps, which grow with RAM."""
+    return min(MAX_STATE, (4 << 20) + mem_size // 2048)
 
 
 @dataclass
@@ -194,7 +221,7 @@ def _u64(a) -> np.ndarray:
 
 @dataclass
 class Ranges:
-    """MEMORY, ZERO, FILL and VERIFY: a range table (and, for MEMORY, the pages'
+    """MEMORY, ZERO, FILL, FREE and VERIFY: a range table (and, for MEMORY, the pages'
     data; for VERIFY, one hash per page). `data` is used by in-memory streams
     and tests; the socket path moves page data straight from/to guest
     memory."""
@@ -237,17 +264,28 @@ class Ranges:
                          and np.array_equal(self.hashes, other.hashes))))
 
 
-RANGE_COMMANDS = (Command.MEMORY, Command.ZERO, Command.FILL, Command.VERIFY)
+RANGE_COMMANDS = (Command.MEMORY, Command.ZERO, Command.FILL, Command.FREE, Command.VERIFY)
 
 
-def parse_table(command: Command, head: bytes) -> tuple[int, int]:
+def max_ranges(npages: int) -> int:
+    """Ranges in one table: they do not overlap, so no more than pages."""
+    return max(1, min(MAX_RANGES, npages))
+
+
+def max_range_payload(command: Command, npages: int, page_size: int) -> int:
+    """The longest payload a range message can need for npages of guest memory."""
+    body = {Command.MEMORY: page_size, Command.VERIFY: 8}.get(command, 0) * npages
+    return TABLE_HEAD.size + 16 * max_ranges(npages) + body
+
+
+def parse_table(command: Command, head: bytes, npages: int = 1 << 52) -> tuple[int, int]:
     """Decode a table head: (number of ranges, pattern)."""
     if len(head) != TABLE_HEAD.size:
         raise ProtocolError(f"{command.name}: truncated range table")
     n, pattern = TABLE_HEAD.unpack(head)
-    if n == 0 or n > MAX_RANGES:
+    if n == 0 or n > max_ranges(npages):
         raise ProtocolError(f"{command.name}: range table of {n} entries "
-                            f"(expected 1..{MAX_RANGES})")
+                            f"(expected 1..{max_ranges(npages)})")
     if pattern and command != Command.FILL:
         raise ProtocolError(f"{command.name}: pattern field must be 0")
     return n, pattern
@@ -264,6 +302,14 @@ def parse_ranges(command: Command, raw: bytes, npages: int) -> tuple[np.ndarray,
                             (counts > np.uint64(npages) - np.minimum(starts, npages))))
         raise ProtocolError(f"{command.name}: range pfn {int(starts[bad])} + {int(counts[bad])} "
                             f"pages lies outside guest memory ({npages} pages)")
+    # In bounds, so start + count cannot overflow.
+    behind = np.nonzero(starts[1:] < starts[:-1] + counts[:-1])[0]
+    if len(behind):
+        i = int(behind[0]) + 1
+        raise ProtocolError(f"{command.name}: range {i} (pfn {int(starts[i])} + "
+                            f"{int(counts[i])} pages) overlaps or comes before range {i - 1} "
+                            f"(pfn {int(starts[i - 1])} + {int(counts[i - 1])} pages); the "
+                            f"ranges of one message must be sorted and must not overlap")
     return starts, counts
 
 
@@ -303,11 +349,11 @@ def state(data) -> Control:
     return Control(Command.STATE, encode_state(data))
 
 
-def check_control(h: Header) -> None:
+def check_control(h: Header, mem_size: int = 1 << 64) -> None:
     """Payload length limits of the commands that carry no range table."""
     limit = {Command.HELLO: HELLO.size, Command.COMPLETE: 0, Command.RUNNING: 0,
              Command.ACK: ACK.size, Command.ERROR: MAX_MESSAGE,
-             Command.CANCEL: MAX_MESSAGE, Command.STATE: MAX_STATE}[h.command]
+             Command.CANCEL: MAX_MESSAGE, Command.STATE: state_limit(mem_size)}[h.command]
     if h.command in (Command.HELLO, Command.ACK) and h.length != limit:
         raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes, expected {limit}")
     if h.length > limit:
@@ -375,7 +421,7 @@ class Stream:
         """Read the payload of h. Ranges of MEMORY go into guest memory `mem`
         when given, else into msg.data. npages bounds the ranges."""
         if h.command not in RANGE_COMMANDS:
-            check_control(h)
+            check_control(h, npages * self.page_size)
             payload = self.read(h.length)
             if h.command == Command.HELLO:
                 return Hello.parse(payload)
@@ -383,7 +429,11 @@ class Stream:
         if h.length < TABLE_HEAD.size:
             raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes is too short "
                                 f"for a range table")
-        n, pattern = parse_table(h.command, self.read(TABLE_HEAD.size))
+        limit = max_range_payload(h.command, npages, self.page_size)
+        if h.length > limit:
+            raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes exceeds the "
+                                f"{limit} that {npages} pages of guest memory can need")
+        n, pattern = parse_table(h.command, self.read(TABLE_HEAD.size), npages)
         if h.length < TABLE_HEAD.size + 16 * n:
             raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes is shorter "
                                 f"than its table of {n} ranges")
@@ -510,6 +560,8 @@ class SocketStream(Stream):
 #   l list / t tuple (u32 count + items), d dict (u32 count + key, value
 #   pairs), a numpy array (dtype str, shape list, raw bytes; plain numeric
 #   dtypes only).
+# Decoding is bounded: a count cannot promise more items than bytes remain,
+# and one state decodes to at most MAX_STATE_ITEMS values.
 
 STATE_MAGIC = b"HVST\x01\x00\x00\x00"
 _U32 = struct.Struct("<I")
@@ -572,7 +624,7 @@ def decode_state(data: bytes):
     if not data.startswith(STATE_MAGIC) or len(data) < len(STATE_MAGIC) + 4:
         raise ProtocolError("STATE: not an hv machine state (bad magic or version)")
     crc = _U32.unpack_from(data, len(STATE_MAGIC))[0]
-    if zlib.crc32(data[len(STATE_MAGIC) + 4:]) != crc:
+    if zlib.crc32(memoryview(data)[len(STATE_MAGIC) + 4:]) != crc:
         raise ProtocolError("STATE: checksum mismatch (corrupted machine state)")
     r = _Reader(data, len(STATE_MAGIC) + 4)
     obj = r.value(0)
@@ -584,6 +636,15 @@ def decode_state(data: bytes):
 class _Reader:
     def __init__(self, data: bytes, pos: int):
         self.data, self.pos = data, pos
+        self.budget = MAX_STATE_ITEMS
+
+    def count(self, item_bytes: int) -> int:
+        """A list/dict count, each item at least item_bytes long."""
+        n = self.u32()
+        if n * item_bytes > len(self.data) - self.pos:
+            raise ProtocolError(f"STATE: a count of {n} items does not fit in the "
+                                f"{len(self.data) - self.pos} bytes that remain")
+        return n
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
@@ -598,6 +659,10 @@ class _Reader:
     def value(self, depth: int):
         if depth > _MAX_DEPTH:
             raise ProtocolError("STATE: machine state nests too deeply")
+        self.budget -= 1
+        if self.budget < 0:
+            raise ProtocolError(f"STATE: more than {MAX_STATE_ITEMS} values; a machine "
+                                f"state has far fewer")
         tag = self.take(1)
         if tag == b"N":
             return None
@@ -620,15 +685,11 @@ class _Reader:
         if tag == b"b":
             return self.take(self.u32())
         if tag in (b"l", b"t"):
-            n = self.u32()
-            if n > len(self.data):
-                raise ProtocolError("STATE: truncated machine state")
+            n = self.count(1)
             items = [self.value(depth + 1) for _ in range(n)]
             return items if tag == b"l" else tuple(items)
         if tag == b"d":
-            n = self.u32()
-            if n > len(self.data):
-                raise ProtocolError("STATE: truncated machine state")
+            n = self.count(2)
             d = {}
             for _ in range(n):
                 k = self.value(depth + 1)
@@ -640,9 +701,12 @@ class _Reader:
         if tag == b"a":
             dt, shape, raw = self.value(depth + 1), self.value(depth + 1), self.value(depth + 1)
             try:
+                if not isinstance(dt, str) or not isinstance(raw, bytes):
+                    raise TypeError
                 dtype = np.dtype(dt)
-                if dtype.kind not in "biuf" or not all(isinstance(s, int) and s >= 0
-                                                       for s in shape):
+                if (dtype.kind not in "biuf" or not isinstance(shape, list)
+                        or len(shape) > 32 or not all(
+                            isinstance(s, int) and 0 <= s <= len(raw) for s in shape)):
                     raise TypeError
                 if math.prod(shape) * dtype.itemsize != len(raw):
                     raise TypeError

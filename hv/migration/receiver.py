@@ -5,6 +5,9 @@ and calls incoming(machine, uri): listen, accept, receive pages straight into
 guest memory, restore the machine state, resume, answer RUNNING. The wire
 protocol, the message sequence and the state diagram are in
 hv.migration.protocol; Receiver below is the (state, command) machine.
+Connections are accepted on a thread: a new one has HANDSHAKE_TIMEOUT to send
+its HELLO, and once connection 0 of a source is admitted only that source's
+other connections are; a second source is refused with ERROR at once.
 
 Whatever goes wrong (malformed stream, wrong version, out-of-order command,
 dropped connection, CANCEL, a page hash that does not match) raises
@@ -27,7 +30,7 @@ from ..memory import PAGE_SIZE
 from . import pages
 from .protocol import (
     FEATURES, VERSION, Command, Control, Hello, MigrationError, PeerError, ProtocolError, Ranges,
-    SocketStream, Stream, ack, decode_state, error)
+    SocketStream, Stream, ack, decode_state, error, reason)
 
 
 class State(enum.Enum):
@@ -44,6 +47,7 @@ _PAGE_TRANSITIONS = {
     (State.MEMORY, Command.MEMORY): State.MEMORY,
     (State.MEMORY, Command.ZERO): State.MEMORY,
     (State.MEMORY, Command.FILL): State.MEMORY,
+    (State.MEMORY, Command.FREE): State.MEMORY,
 }
 
 # The destination's (state, command) -> next state table, primary connection.
@@ -68,13 +72,22 @@ def expected(table, state: State) -> list[str]:
 class Receiver:
     """Receives one migration stream into `memory`.
 
+    secondary: False for connection 0, True for the others, None to take it
+    from the HELLO's channel. admit(receiver, hello), when given, may refuse
+    a HELLO that passed the checks here by raising MigrationError (receive()
+    uses it to bind connections to one session) before ACK is sent.
+
     restore(state_dict) and resume() are called, in that order, only after
     COMPLETE arrived with everything checked; RUNNING is sent after resume().
+    A Prefault still faulting in `memory` is stopped (and waited for) when
+    the first message after HELLO arrives, so that it never faults a page
+    back in after ZERO or FREE discarded it.
     """
 
     def __init__(self, memory, restore: Callable[[dict], None] | None = None,
-                 resume: Callable[[], None] | None = None, *, secondary: bool = False,
-                 require_verify: bool = False, log=None):
+                 resume: Callable[[], None] | None = None, *, secondary: bool | None = False,
+                 require_verify: bool = False, log=None, prefault: "Prefault | None" = None,
+                 admit: Callable[["Receiver", Hello], None] | None = None):
         self.memory = memory
         self.npages = memory.size // PAGE_SIZE
         self.restore = restore
@@ -87,11 +100,16 @@ class Receiver:
         self.machine_state = None
         self.verified: bool | None = None
         self.log = log or (lambda msg: None)
-        # Filled by incoming() for multi-connection migrations.
+        self.prefault = prefault
+        self.admit = admit
+        # Secondary connections join through add_secondary() (receive()).
         self.secondaries: list["Receiver"] = []
-        self.secondary_threads: list[threading.Thread] = []
-        self.stats = {"pages": 0, "zero_pages": 0, "fill_pages": 0, "bytes": 0,
-                      "messages": 0, "restore_ms": None}
+        self._secondaries_changed = threading.Condition()
+        self._secondaries_counted = False
+        self.finished = threading.Event()       # run() returned or raised
+        self.error: str | None = None
+        self.stats = {"pages": 0, "zero_pages": 0, "fill_pages": 0, "free_pages": 0,
+                      "bytes": 0, "messages": 0, "restore_ms": None}
         self.first_message_at = None
         self.completed_at = None
 
@@ -114,6 +132,8 @@ class Receiver:
             raise ProtocolError(
                 f"unexpected {h.command.name} in state {prev.name}; expected "
                 f"{' or '.join(expected(self.table, prev)) or 'nothing'}")
+        if self.prefault is not None and self.state != State.WAIT_HELLO:
+            self.prefault.stop()
         msg = stream.recv_body(h, self.npages,
                                mem=self.memory if h.command == Command.MEMORY else None)
         handler = getattr(self, "_on_" + h.command.name.lower())
@@ -127,17 +147,22 @@ class Receiver:
         try:
             while self.state != State.COMPLETE:
                 self.step(stream)
-        except PeerError:
+        except PeerError as e:
             self.state = State.FAILED
+            self.error = str(e)
             raise
         except MigrationError as e:
             self.state = State.FAILED
+            self.error = str(e)
             self._send_error(stream, str(e))
             raise
         except Exception as e:
             self.state = State.FAILED
-            self._send_error(stream, f"destination failed: {e}")
-            raise MigrationError(f"migration failed on the destination: {e}") from e
+            self.error = f"migration failed on the destination: {reason(e)}"
+            self._send_error(stream, f"destination failed: {reason(e)}")
+            raise MigrationError(self.error) from e
+        finally:
+            self.finished.set()
         return self.stats
 
     @staticmethod
@@ -150,19 +175,24 @@ class Receiver:
     # -- handlers ----------------------------------------------------------
     def _on_hello(self, hello: Hello, stream: Stream) -> None:
         if hello.page_size != PAGE_SIZE:
-            raise ProtocolError(f"HELLO: page size {hello.page_size}, this hv uses {PAGE_SIZE}")
+            raise HelloRefused(f"HELLO: page size {hello.page_size}, this hv uses {PAGE_SIZE}")
         if hello.mem_size != self.memory.size:
-            raise ProtocolError(
+            raise HelloRefused(
                 f"HELLO: the source guest has {hello.mem_size >> 20} MiB of memory, this "
                 f"destination {self.memory.size >> 20} MiB; start run-guest --incoming with "
                 f"the same --mem")
         if hello.channels < 1 or hello.channel >= hello.channels:
             raise ProtocolError(f"HELLO: channel {hello.channel} of {hello.channels}")
+        if self.secondary is None:
+            self.secondary = hello.channel != 0
+            self.table = SECONDARY_TRANSITIONS if self.secondary else TRANSITIONS
         if (hello.channel != 0) != self.secondary:
             raise ProtocolError(f"HELLO: channel {hello.channel} on a "
                                 f"{'secondary' if self.secondary else 'primary'} connection")
         if hello.features & ~FEATURES:
-            raise ProtocolError(f"HELLO: unknown features {hello.features & ~FEATURES:#x}")
+            raise HelloRefused(f"HELLO: unknown features {hello.features & ~FEATURES:#x}")
+        if self.admit is not None:
+            self.admit(self, hello)
         self.hello = hello
         stream.send(ack(Command.HELLO))
 
@@ -178,6 +208,12 @@ class Receiver:
     def _on_fill(self, msg: Ranges, stream: Stream) -> None:
         pages.fill(self.memory, msg.starts, msg.counts, msg.pattern, discard=True)
         self.stats["fill_pages"] += msg.npages
+
+    def _on_free(self, msg: Ranges, stream: Stream) -> None:
+        # Whatever the page held is undefined at the source: drop our copy
+        # (MADV_DONTNEED), which frees its host memory and leaves a zero page.
+        pages.fill(self.memory, msg.starts, msg.counts, 0, discard=True)
+        self.stats["free_pages"] += msg.npages
 
     def _on_state(self, msg, stream: Stream) -> None:
         self.machine_state = decode_state(msg.payload)
@@ -211,24 +247,68 @@ class Receiver:
             try:
                 self.restore(self.machine_state)
             except Exception as e:
-                raise MigrationError(f"restoring the machine state failed: {e}") from e
+                raise MigrationError(f"restoring the machine state failed: {reason(e)}") from e
         if self.resume is not None:
             self.resume()
         self.stats["restore_ms"] = round((time.monotonic() - t0) * 1000, 3)
         self.completed_at = time.monotonic()
         stream.send(Control(Command.RUNNING))
 
+    def add_secondary(self, sub: "Receiver") -> None:
+        """Another connection of this migration (it runs sub.run itself)."""
+        with self._secondaries_changed:
+            self.secondaries.append(sub)
+            self._secondaries_changed.notify_all()
+
     def _wait_secondaries(self, timeout: float = 120.0) -> None:
+        """Every other connection HELLO announced has come and sent COMPLETE."""
+        if self._secondaries_counted:
+            return
+        want = self.hello.channels - 1 if self.hello else 0
         deadline = time.monotonic() + timeout
-        for t in self.secondary_threads:
-            t.join(max(0.0, deadline - time.monotonic()))
-        for r in self.secondaries:
+        with self._secondaries_changed:
+            while len(self.secondaries) < want:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MigrationError(f"only {len(self.secondaries) + 1} of the "
+                                         f"{want + 1} connections of the migration came")
+                self._secondaries_changed.wait(left)
+            subs = list(self.secondaries)
+        for r in subs:
+            r.finished.wait(max(0.0, deadline - time.monotonic()))
             if r.state != State.COMPLETE:
                 raise MigrationError(f"a secondary connection ended in state {r.state.name}: "
-                                     f"{getattr(r, 'error', None) or 'no COMPLETE'}")
-            for k in ("pages", "zero_pages", "fill_pages", "bytes"):
+                                     f"{r.error or 'no COMPLETE'}")
+            for k in ("pages", "zero_pages", "fill_pages", "free_pages", "bytes"):
                 self.stats[k] += r.stats[k]
-        self.secondaries, self.secondary_threads = [], []
+        self._secondaries_counted = True
+
+
+class HelloRefused(ProtocolError):
+    """A well-formed HELLO of a source this destination cannot take (page size,
+    memory size, features): the destination was started for another guest."""
+
+
+class Prefault:
+    """Faults in all of guest RAM on a thread (GuestMemory.populate) while the
+    destination waits for the source. stop() ends it and waits for the step
+    in progress, so that afterwards nothing but the stream touches memory."""
+
+    def __init__(self, memory):
+        self._stop = threading.Event()
+        populate = getattr(memory, "populate", None)
+        self.thread = None if populate is None else threading.Thread(
+            target=populate, args=(self._stop,), name="hv-prefault", daemon=True)
+
+    def start(self) -> "Prefault":
+        if self.thread is not None:
+            self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread is not None and self.thread.ident is not None:
+            self.thread.join()
 
 
 # ------------------------------------------------------------------- URIs
@@ -270,71 +350,168 @@ def tune_socket(sock: socket.socket) -> None:
             pass
 
 
+HANDSHAKE_TIMEOUT = 5.0     # seconds a new connection has to send its HELLO
+
+
+class _Connections:
+    """The connections one receive() accepts, each on its own thread so that
+    none can hold up another. A connection must send a valid HELLO within the
+    handshake timeout or it is dropped. The first admitted HELLO of channel 0
+    binds the session; after that only the other channels of that session are
+    admitted (each once, up to the announced count); anyone else gets ERROR
+    at once and is closed."""
+
+    def __init__(self, memory, restore, resume, *, timeout, handshake_timeout,
+                 require_verify, log, prefault):
+        self.memory, self.restore, self.resume = memory, restore, resume
+        self.timeout = timeout
+        self.handshake_timeout = min(handshake_timeout, timeout)
+        self.require_verify, self.log, self.prefault = require_verify, log, prefault
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self.decided = threading.Event()        # primary found, or a fatal refusal
+        self.primary: tuple[Receiver, SocketStream] | None = None
+        self.fatal: MigrationError | None = None
+        self.bound: Receiver | None = None      # connection 0's receiver, once admitted
+        self.session: Hello | None = None
+        self.channels_seen: set[int] = set()
+        self.socks: set[socket.socket] = set()
+        self.admitted: list[SocketStream] = []
+
+    def accept_loop(self, listener: socket.socket) -> None:
+        listener.settimeout(0.2)
+        while not self.closing.is_set():
+            try:
+                conn, peer = listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._connection, args=(conn, peer),
+                             name="hv-migrate-rx-conn", daemon=True).start()
+
+    def _admit(self, rx: Receiver, hello: Hello) -> None:
+        with self.lock:
+            if self.closing.is_set():
+                raise MigrationError("this destination has stopped receiving")
+            if self.bound is None:
+                if hello.channel != 0:
+                    raise ProtocolError(f"HELLO: connection {hello.channel} of session "
+                                        f"{hello.session:#x}, but no migration is being "
+                                        f"received (connection 0 comes first)")
+                self.bound, self.session, self.channels_seen = rx, hello, {0}
+                return
+            b = self.session
+            if (hello.session == b.session and hello.channels == b.channels
+                    and hello.channel not in self.channels_seen):
+                self.channels_seen.add(hello.channel)
+                self.bound.add_secondary(rx)
+                return
+        raise MigrationError(f"a migration (session {b.session:#x}) is already being "
+                             f"received; this destination accepts one source at a time")
+
+    def _connection(self, conn: socket.socket, peer) -> None:
+        with self.lock:
+            if self.closing.is_set():
+                conn.close()
+                return
+            self.socks.add(conn)
+        where = f"{peer[0]}:{peer[1]}"
+        stream = SocketStream(conn, timeout=self.handshake_timeout)
+        try:
+            tune_socket(conn)
+            rx = Receiver(self.memory, self.restore, self.resume, secondary=None,
+                          require_verify=self.require_verify, log=self.log,
+                          prefault=self.prefault, admit=self._admit)
+            try:
+                rx.step(stream)                 # HELLO, admitted or refused
+            except MigrationError as e:
+                self.log(f"refused the connection from {where}: {e}")
+                if not isinstance(e, PeerError):
+                    Receiver._send_error(stream, str(e))
+                with self.lock:
+                    if isinstance(e, HelloRefused) and self.bound is None:
+                        self.fatal = e
+                        self.decided.set()
+                return
+            stream.timeout = self.timeout
+            with self.lock:
+                self.admitted.append(stream)
+            if not rx.secondary:
+                self.log(f"incoming migration from {where}")
+                with self.lock:
+                    self.primary = (rx, stream)
+                self.decided.set()
+                stream = None                   # receive() runs and closes it
+                return
+            try:
+                rx.run(stream)
+            except MigrationError:
+                pass                            # rx.error: connection 0 reports it
+        except Exception as e:                  # never let a connection end unexplained
+            self.log(f"connection from {where} failed: {reason(e)}")
+        finally:
+            if stream is not None:
+                with self.lock:
+                    self.socks.discard(conn)
+                stream.close()
+
+    def wait_primary(self, accept_timeout, should_stop) -> tuple[Receiver, SocketStream]:
+        deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
+        while True:
+            # Short waits so that a shutdown request ends the wait.
+            left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
+            if left <= 0:
+                raise MigrationError(f"no migration arrived within {accept_timeout:g} s")
+            if self.decided.wait(left):
+                with self.lock:
+                    if self.primary is not None:
+                        return self.primary
+                    raise self.fatal
+            if should_stop is not None and should_stop():
+                raise MigrationError("stopped while waiting for the incoming migration")
+
+    def close(self, acceptor: threading.Thread) -> None:
+        """Stop accepting; wake every connection still running (each closes its own)."""
+        self.closing.set()
+        acceptor.join()
+        with self.lock:
+            socks = list(self.socks)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             timeout: float = 60.0, accept_timeout: float | None = None,
-            require_verify: bool = False, log=None, should_stop=None) -> Receiver:
+            handshake_timeout: float = HANDSHAKE_TIMEOUT, require_verify: bool = False,
+            log=None, should_stop=None, prefault: Prefault | None = None) -> Receiver:
     """Accept a migration on `listener` and drive it to COMPLETE (restore,
-    resume, RUNNING). Returns the Receiver; raises MigrationError."""
-    log = log or (lambda msg: None)
-    deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
-    while True:
-        # Short accept timeouts so that a shutdown request ends the wait.
-        left = 0.5 if deadline is None else min(0.5, deadline - time.monotonic())
-        if left <= 0:
-            raise MigrationError(f"no migration arrived within {accept_timeout:g} s")
-        listener.settimeout(left)
-        try:
-            conn, peer = listener.accept()
-            break
-        except socket.timeout:
-            if should_stop is not None and should_stop():
-                raise MigrationError("stopped while waiting for the incoming migration") \
-                    from None
-    tune_socket(conn)
-    conn.settimeout(timeout)
-    log(f"incoming migration from {peer[0]}:{peer[1]}")
-    stream = SocketStream(conn, timeout=timeout)
-    rx = Receiver(memory, restore, resume, require_verify=require_verify, log=log)
-    streams = [stream]
-    try:
-        try:
-            rx.step(stream)           # HELLO
-        except MigrationError as e:
-            rx.state = State.FAILED
-            Receiver._send_error(stream, str(e))
-            raise
-        for i in range(1, rx.hello.channels):
-            listener.settimeout(timeout)
-            try:
-                c, _ = listener.accept()
-            except socket.timeout:
-                raise MigrationError(f"connection {i} of {rx.hello.channels} never came") \
-                    from None
-            tune_socket(c)
-            c.settimeout(timeout)
-            s2 = SocketStream(c, timeout=timeout)
-            streams.append(s2)
-            sub = Receiver(memory, secondary=True, log=log)
-            sub.error = None
+    resume, RUNNING). Returns the Receiver; raises MigrationError.
 
-            def run_sub(sub=sub, s2=s2):
-                try:
-                    sub.run(s2)
-                    if sub.hello.session != rx.hello.session:
-                        raise ProtocolError("secondary connection of another session")
-                except Exception as e:   # reported through _wait_secondaries
-                    sub.error = str(e)
-                    sub.state = State.FAILED
-            t = threading.Thread(target=run_sub, name=f"hv-migrate-rx-{i}", daemon=True)
-            t.start()
-            rx.secondaries.append(sub)
-            rx.secondary_threads.append(t)
+    Connections are accepted on a thread while the migration runs: one that
+    sends no HELLO within handshake_timeout is dropped, one of another source
+    is refused with ERROR (see _Connections); timeout bounds every later read."""
+    log = log or (lambda msg: None)
+    conns = _Connections(memory, restore, resume, timeout=timeout,
+                         handshake_timeout=handshake_timeout, require_verify=require_verify,
+                         log=log, prefault=prefault)
+    acceptor = threading.Thread(target=conns.accept_loop, args=(listener,),
+                                name="hv-migrate-accept", daemon=True)
+    acceptor.start()
+    stream = None
+    try:
+        rx, stream = conns.wait_primary(accept_timeout, should_stop)
         rx.run(stream)
-        rx.stats["bytes_received"] = sum(s.bytes_in for s in streams)
+        with conns.lock:
+            rx.stats["bytes_received"] = sum(s.bytes_in for s in conns.admitted)
         return rx
     finally:
-        for s in streams:
-            s.close()
+        conns.close(acceptor)
+        if stream is not None:
+            stream.close()
 
 
 def _resume_machine(machine) -> None:
@@ -359,8 +536,9 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
     With prefault, a thread faults in all of guest RAM while the receiver
     waits for the source (like QEMU's -mem-prealloc), so that page data later
     lands in memory that is already mapped instead of paying a page fault per
-    page on the critical path; the cost is that the destination holds all of
-    guest RAM at once, free pages included.
+    page on the critical path. The prefault stops when the source's first
+    message after HELLO arrives; the pages the source then calls FREE (or
+    ZERO) are discarded again, so they cost the destination no memory.
     """
     def log(msg):
         if verbose:
@@ -372,13 +550,7 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
         except AttributeError:
             pass
     listener = listen(uri)
-    stop_prefault = threading.Event()
-    prefaulter = None
-    populate = getattr(machine.memory, "populate", None)
-    if prefault and populate is not None:
-        prefaulter = threading.Thread(target=populate, args=(stop_prefault,),
-                                      name="hv-prefault", daemon=True)
-        prefaulter.start()
+    prefaulter = Prefault(machine.memory).start() if prefault else None
     try:
         host, port = listener.getsockname()[:2]
         log(f"waiting for an incoming migration on {host}:{port}")
@@ -388,19 +560,19 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
         rx = receive(machine.memory, listener, machine.restore_state,
                      lambda: _resume_machine(machine), timeout=timeout,
                      accept_timeout=accept_timeout, require_verify=require_verify, log=log,
-                     should_stop=lambda: getattr(machine, "status", None) == "shutdown")
+                     should_stop=lambda: getattr(machine, "status", None) == "shutdown",
+                     prefault=prefaulter)
     finally:
         listener.close()
-        stop_prefault.set()
         if prefaulter is not None:
-            prefaulter.join()
+            prefaulter.stop()
     stats = dict(rx.stats)
     stats["verified"] = rx.verified
     stats["total_ms"] = round((time.monotonic() - t0) * 1000, 3)
     log(f"migration received: {stats['pages']} pages with data, {stats['zero_pages']} zero, "
-        f"{stats['fill_pages']} filled; guest running")
+        f"{stats['fill_pages']} filled, {stats['free_pages']} free; guest running")
     return stats
 
 
-__all__ = ["Receiver", "State", "TRANSITIONS", "incoming", "receive", "listen", "parse_uri",
+__all__ = ["HelloRefused", "Prefault", "Receiver", "State", "TRANSITIONS", "incoming", "receive", "listen", "parse_uri",
            "tune_socket", "VERSION"]
