@@ -74,6 +74,11 @@ class Console:
         with self._cond:
             return len(self._buf)
 
+    def since(self, start: int) -> str:
+        """What the guest printed after byte offset start."""
+        with self._cond:
+            return self._buf[start:].decode(errors="replace")
+
     def wait_for(self, needle: str, timeout: float, start: int = 0) -> str:
         """Wait until needle appears after byte offset start; return the text."""
         deadline = time.monotonic() + timeout

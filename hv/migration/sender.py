@@ -129,6 +129,8 @@ class VmmDirtyLog:
     sync(parked) returns the pages dirtied since the last sync; parked says
     that every vCPU is out of KVM_RUN (the final sync, inside the pause)."""
 
+    kind = "vmm"
+
     def __init__(self, machine):
         self.memory = machine.memory
         self.npages = self.memory.npages
@@ -149,6 +151,7 @@ class KvmDirtyLog(VmmDirtyLog):
     KVM_CLEAR_DIRTY_LOG before they are sent."""
 
     SLOT = 0
+    kind = "bitmap"
 
     def __init__(self, machine):
         super().__init__(machine)
@@ -204,6 +207,7 @@ class RingDirtyLog(KvmDirtyLog):
     have lost entries: the next sync then reports every page dirty."""
 
     HARVEST_INTERVAL_S = 0.005
+    kind = "ring"
 
     def __init__(self, machine):
         super().__init__(machine)
@@ -389,7 +393,7 @@ class Migration:
         # pages are sent (verify), so the pause only hashes the final round
         self._hashes = np.zeros(self.npages, dtype=np.uint64) if params.verify else None
         self.log = dirty_log_for(machine, params.dirty_log)
-        self.s.dirty_log = type(self.log).__name__.removesuffix("DirtyLog").lower() or "vmm"
+        self.s.dirty_log = self.log.kind
 
     # -- control ----------------------------------------------------------
     def start(self) -> "Migration":
@@ -650,15 +654,27 @@ class Migration:
                     self.s.bytes_sent += n
                 i = j
 
-    def _send_fill(self, bm: np.ndarray, pattern: int) -> None:
-        fill_hash = pages.hash_bytes(int(pattern).to_bytes(4, "little") * (PAGE_SIZE // 4))
-        for s, c in pages.runs(bm, self.npages):
-            self._check_cancel()
-            n = self.streams[0].send(Ranges(Command.FILL, s, c, pattern=pattern))
-            self._record_hashes(s, c, fill_hash)
-            with self._lock:
-                self.s.bytes_sent += n
-                self.s.pages_filled += int(c.sum())
+    def _send_free(self, bm: np.ndarray, pattern: int) -> None:
+        """The pages of bm are free: FILL ranges when the guest poisons free
+        pages, else FREE ranges (the destination drops its copy). Each on
+        the connection that carries those pages, so that a later MEMORY of
+        the same page cannot overtake it."""
+        if pattern:
+            command = Command.FILL
+            page_hash = pages.hash_bytes(int(pattern).to_bytes(4, "little") * (PAGE_SIZE // 4))
+        else:
+            command, page_hash = Command.FREE, pages.ZERO_PAGE_HASH
+        masks = self._masks or [None]
+        for stream, mask in zip(self.streams, masks):
+            part = bm if mask is None else bm & mask
+            for s, c in pages.runs(part, self.npages):
+                self._check_cancel()
+                n = stream.send(Ranges(command, s, c, pattern=pattern))
+                self._record_hashes(s, c, page_hash)
+                with self._lock:
+                    self.s.bytes_sent += n
+                    if pattern:
+                        self.s.pages_filled += int(c.sum())
 
     def _new_round(self, number: int) -> dict:
         rnd = {"round": number, "pages": 0, "zero_pages": 0, "bytes": 0, "dirty_pages": 0,
@@ -752,8 +768,8 @@ class Migration:
                 pages.or_into(skipped_free, part_free)
                 with self._lock:
                     self.s.pages_skipped_free += n_free
-                if poison and n_free:
-                    self._send_fill(part_free, poison)
+                if n_free:
+                    self._send_free(part_free, poison)
             self._send_set(part, rnd)
         if p.free_pages == "hint" and self._balloon is not None:
             try:
