@@ -2,21 +2,27 @@
 
 import threading
 
-from hv.migration.receiver import listen, receive
+from hv.migration.receiver import Prefault, listen, receive
 from hv.migration.sender import Migration, MigrationParams
 
 
-def migrate_over_loopback(src, dst, restore=None, timeout: float = 30, **params):
-    """Receive into dst on a thread while src migrates with params.
-    Returns (src's query-migrate statistics, {"rx": ...} or {"error": ...})."""
+def migrate_over_loopback(src, dst, restore=None, timeout: float = 30, prefault=False,
+                          **params):
+    """Receive into dst on a thread while src migrates with params (with
+    prefault, dst's RAM is faulted in while it waits, as run-guest --incoming
+    does). Returns (src's query-migrate statistics, {"rx": ...} or
+    {"error": ...})."""
     lst = listen("tcp:127.0.0.1:0")
     port = lst.getsockname()[1]
     res = {}
+    faulting = Prefault(dst.memory).start() if prefault else None
+    if faulting is not None:
+        faulting.thread.join()      # all of it resident before the source starts
 
     def run():
         try:
             res["rx"] = receive(dst.memory, lst, restore or dst.restore_state, dst.start,
-                                timeout=timeout)
+                                timeout=timeout, prefault=faulting)
         except Exception as e:
             res["error"] = e
         finally:

@@ -17,6 +17,7 @@ import pytest
 
 from conftest import Console
 from loopback import migrate_over_loopback
+from hv.memory import PAGE_SIZE
 from hv.migration.protocol import MigrationError
 from hv.migration.receiver import listen
 from hv.migration.sender import Migration, MigrationParams
@@ -73,10 +74,11 @@ def guest(linux_images):
     close_all(state)
 
 
-def migrate(guest, verify=True, **params):
+def migrate(guest, verify=True, prefault=False, **params):
     dst = new_machine(guest["images"], guest["console"], command=guest.get("command", HOLD_CMD))
     src = guest["machine"]
-    q, res = migrate_over_loopback(src, dst, timeout=60, verify=verify, **params)
+    q, res = migrate_over_loopback(src, dst, timeout=60, verify=verify, prefault=prefault,
+                                   **params)
     if q["status"] == "completed":
         guest["old"].append(src)
         guest["machine"] = dst
@@ -100,7 +102,7 @@ def guest_verifies(guest, trigger=b"verify\n"):
 
 @pytest.mark.parametrize("mode", ["bitmap", "hint", "off"])
 def test_linux_guest_migrates(guest, mode):
-    q, res = migrate(guest, free_pages=mode)
+    q, res = migrate(guest, free_pages=mode, prefault=True)
     assert q["status"] == "completed", q
     assert "error" not in res, res.get("error")
     assert res["rx"].verified
@@ -110,6 +112,10 @@ def test_linux_guest_migrates(guest, mode):
         # the freed FILL MiB (and most of the rest) were not sent
         assert q["pages_skipped_free"] > FILL_MIB * 256 // 2, q
         assert q["pages_sent"] < (MEM_MIB - FILL_MIB // 2) * 256
+        # the destination faulted in all of its RAM while it waited, and gave
+        # back what the source skipped as free (FREE ranges)
+        resident = guest["machine"].memory.resident_bytes() // PAGE_SIZE
+        assert resident <= q["pages_total"] - q["pages_skipped_free"] * 9 // 10, (resident, q)
     if mode == "off":
         assert q["pages_skipped_free"] == 0
 

@@ -146,6 +146,11 @@ def range_pfns(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
 ZERO_PAGE_HASH = hash_bytes(bytes(PAGE_SIZE))
 
 
+def fill_page_hash(pattern: int) -> int:
+    """hash_bytes of a page that repeats the u32 pattern (a FILL range's pages)."""
+    return hash_bytes((pattern & 0xFFFFFFFF).to_bytes(4, "little") * (PAGE_SIZE // 4))
+
+
 def ranges_valid(starts: np.ndarray, counts: np.ndarray, npages: int) -> bool:
     if not len(starts):
         return True

@@ -40,8 +40,8 @@ from .. import params
 from ..memory import PAGE_SIZE, bitmap_words
 from . import pages
 from .protocol import (
-    FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError, Ranges,
-    SocketStream, cancel as cancel_msg, error as error_msg, state as state_msg)
+    FEATURE_VERIFY, FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError,
+    Ranges, SocketStream, cancel as cancel_msg, error as error_msg, state as state_msg)
 from .receiver import parse_uri, tune_socket
 from ..machine import PAUSE_MIGRATION, PAUSE_USER
 
@@ -564,7 +564,9 @@ class Migration:
             st_ = SocketStream(sock, PAGE_SIZE, self.p.timeout_s, rate)
             self.streams.append(st_)
             t0 = time.monotonic()
-            st_.send(Hello(PAGE_SIZE, self.memory.size, FEATURES, self.p.connections, i,
+            # FEATURE_VERIFY: VERIFY will come, hash pages as they arrive
+            features = FEATURES if self.p.verify else FEATURES & ~FEATURE_VERIFY
+            st_.send(Hello(PAGE_SIZE, self.memory.size, features, self.p.connections, i,
                            session))
             reply = st_.recv(self.npages)
             if i == 0:
@@ -661,7 +663,7 @@ class Migration:
         the same page cannot overtake it."""
         if pattern:
             command = Command.FILL
-            page_hash = pages.hash_bytes(int(pattern).to_bytes(4, "little") * (PAGE_SIZE // 4))
+            page_hash = pages.fill_page_hash(pattern)
         else:
             command, page_hash = Command.FREE, pages.ZERO_PAGE_HASH
         masks = self._masks or [None]
