@@ -44,9 +44,13 @@ def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xff
 
 
+#: processor entries an MP table can hold (8-bit APIC IDs; one is the IOAPIC's)
+MAX_CPUS = 254
+
+
 def build(num_cpus: int = 1, base: int = MPTABLE_START) -> bytes:
     """The floating pointer followed by the configuration table, for GPA base."""
-    if not 1 <= num_cpus <= 254:
+    if not 1 <= num_cpus <= MAX_CPUS:
         raise MpTableError(f"{num_cpus} CPUs do not fit an MP table")
     ioapic_id = num_cpus + 1
     entries = b""
