@@ -338,14 +338,27 @@ class Prefault:
 # ------------------------------------------------------------------- URIs
 
 def parse_uri(uri: str) -> tuple[str, int]:
-    """'tcp:HOST:PORT' -> (host, port)."""
+    """'tcp:HOST:PORT' -> (host, port); an empty HOST is every address, an
+    IPv6 address goes in brackets (tcp:[::1]:4444)."""
     if not uri.startswith("tcp:"):
         raise MigrationError(f"migration URI {uri!r}: only tcp:HOST:PORT is supported")
     host, sep, port = uri[4:].rpartition(":")
-    if not sep or not port.isdigit():
-        raise MigrationError(f"migration URI {uri!r}: expected tcp:HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    if not sep or not (port.isascii() and port.isdigit()):
+        raise MigrationError(f"migration URI {uri!r}: expected tcp:HOST:PORT with PORT a "
+                             f"number 0..65535")
+    if int(port) > 65535:
+        raise MigrationError(f"migration URI {uri!r}: the port must be 0..65535, not {port}")
+    if host.startswith("[") != host.endswith("]") or (
+            ":" in host and not host.startswith("[")):
+        raise MigrationError(f"migration URI {uri!r}: write an IPv6 address in brackets, "
+                             f"like tcp:[::1]:{port}")
+    host = host[1:-1] if host.startswith("[") else host
+    return host or "0.0.0.0", int(port)
+
+
+def format_uri(host: str, port: int) -> str:
+    """The inverse of parse_uri."""
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
 
 
 def listen(uri: str) -> socket.socket:
@@ -577,6 +590,7 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
     prefaulter = Prefault(machine.memory).start() if prefault else None
     try:
         host, port = listener.getsockname()[:2]
+        log(f"incoming migration listening on {format_uri(host, port)}")
         log(f"waiting for an incoming migration on {host}:{port}")
         if on_listening:
             on_listening(host, port)
@@ -598,5 +612,5 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
     return stats
 
 
-__all__ = ["HelloRefused", "Prefault", "Receiver", "State", "TRANSITIONS", "incoming", "receive", "listen", "parse_uri",
-           "tune_socket", "VERSION"]
+__all__ = ["HelloRefused", "Prefault", "Receiver", "State", "TRANSITIONS", "incoming",
+           "receive", "listen", "parse_uri", "format_uri", "tune_socket", "VERSION"]
