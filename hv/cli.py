@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="initramfs (default: the built guest image; '' for none)")
     g.add_argument("--mem", metavar="MIB", type=int, default=DEFAULT_MEM_MIB,
                    help=f"guest RAM in MiB (default {DEFAULT_MEM_MIB})")
+    g.add_argument("--cpus", metavar="N", type=int, default=1,
+                   help="vCPUs (default 1; at most what KVM allows per guest)")
     g.add_argument("--append", metavar="ARGS", default="",
                    help="extra kernel command line arguments")
     g.add_argument("--balloon", action="store_true", help="add a virtio-balloon device")
@@ -257,8 +259,8 @@ def run(args) -> int:
         append = (append + " hv.exec=" +
                   base64.b64encode(args.exec_cmd.encode()).decode()).strip()
     t0 = time.monotonic()
-    m = Machine(MachineConfig(mem_mib=args.mem, kernel=kernel, initrd=initrd, append=append,
-                              balloon=args.balloon, console=sys.stdout.buffer,
+    m = Machine(MachineConfig(mem_mib=args.mem, cpus=args.cpus, kernel=kernel, initrd=initrd,
+                              append=append, balloon=args.balloon, console=sys.stdout.buffer,
                               balloon_options=balloon_options(args) if args.balloon else {},
                               dirty_ring_bytes=args.dirty_ring))
     watch = ConsoleWatch()
