@@ -314,7 +314,7 @@ def load_kernel(mem: GuestMemory, kernel_path: str, cmdline: Cmdline | str,
     if len(cmd) > CMDLINE_MAX:
         raise BootError(f"kernel command line too long ({len(cmd)} bytes)")
     if e820 is None:
-        e820 = mptable.e820_map(mem.size)
+        e820 = mptable.e820_map(getattr(mem, "regions", mem.size))
     if is_elf(data):
         entry, start, end = _load_elf(mem, data, kernel_path)
         protocol = PROTOCOL_PVH
@@ -331,7 +331,9 @@ def load_kernel(mem: GuestMemory, kernel_path: str, cmdline: Cmdline | str,
     if initrd_path:
         initrd = _read_file(initrd_path, "initrd")
         initrd_size = len(initrd)
-        top = min(mem.size, INITRD_ADDR_MAX + 1)
+        # below 4 GiB, in the first RAM region
+        low_end = mem.regions[0][1] if hasattr(mem, "regions") else mem.size
+        top = min(low_end, INITRD_ADDR_MAX + 1)
         initrd_addr = (top - initrd_size) & ~(INITRD_ALIGN - 1)
         if initrd_addr < end:
             raise BootError(

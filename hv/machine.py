@@ -27,8 +27,9 @@ and guest memory is frozen against VMM writes; only then does pause()
 return, so a migration's last dirty harvest and save_state() see a still
 guest. resume() undoes both before the vCPUs run.
 
-Guest physical layout: RAM from 0 (one slot, at most 3 GiB, below the 32-bit
-hole), virtio-mmio windows from 0xd0000000 (4 KiB each, GSI 5, 6, ...),
+Guest physical layout: RAM from 0 up to 0xd0000000 at most (slot 0), the
+rest of it from 4 GiB (slot 1, hv.memory.ram_layout); in the 32-bit hole
+between, the virtio-mmio windows from 0xd0000000 (4 KiB each, GSI 5, 6, ...),
 IOAPIC 0xfec00000, LAPIC 0xfee00000, the TSS and identity map pages KVM
 needs just below 4 GiB.
 """
@@ -56,14 +57,13 @@ from .devices.legacy import (I8042, I8042_BASE, I8042_LEN, POST_PORT, POWEROFF_P
                              PostCode, PowerOff)
 from .devices.uart import COM1_BASE, COM1_IRQ, NUM_REGS, Serial
 from .errors import HvError
-from .memory import GuestMemory
+from .memory import LOW_RAM_END, GuestMemory
 
 log = logging.getLogger("hv.machine")
 
 MIB = 1 << 20
 MIN_MEM_MIB = 16
-MAX_MEM_MIB = 3072          # below the 32-bit MMIO hole
-VIRTIO_MMIO_BASE = 0xd0000000
+VIRTIO_MMIO_BASE = LOW_RAM_END     # the 32-bit hole starts with the virtio windows
 VIRTIO_MMIO_SIZE = 0x1000
 VIRTIO_FIRST_GSI = 5
 VIRTIO_MAX_DEVICES = 11     # GSIs 5..15
@@ -105,6 +105,18 @@ def _fit(data: bytes, size: int) -> bytes:
     if len(data) == size:
         return data
     return bytes(data[:size]).ljust(size, b"\xff")
+
+
+def max_mem_mib() -> int:
+    """The most guest RAM this host can back: its own RAM (MemTotal)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return LOW_RAM_END >> 20
 
 
 def base_cmdline() -> str:
@@ -190,9 +202,11 @@ class KvmIrqLine(IrqLine):
 class Machine:
     def __init__(self, config: MachineConfig):
         self.config = config
-        if not MIN_MEM_MIB <= config.mem_mib <= MAX_MEM_MIB:
+        most = max_mem_mib()
+        if isinstance(config.mem_mib, bool) or not isinstance(config.mem_mib, int) or \
+                not MIN_MEM_MIB <= config.mem_mib <= most:
             raise MachineError(f"guest memory of {config.mem_mib} MiB is out of range: give "
-                               f"between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB")
+                               f"between {MIN_MEM_MIB} and {most} MiB (this host's RAM)")
         self._balloon_kwargs = _balloon_kwargs(config) if config.balloon else {}
         self.kvm = K.Kvm()
         max_cpus = min(self.kvm.check_extension(lib.KVM_CAP_MAX_VCPUS)
@@ -207,7 +221,8 @@ class Machine:
         self.memory = GuestMemory(config.mem_mib * MIB)
         self.vm = self.kvm.create_vm()
         self.dirty_logging = False
-        self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_addr)
+        for slot, gpa, size in self.memory_slots():
+            self.vm.set_user_memory_region(slot, gpa, size, self.memory.host_addr + gpa)
         self.vm.set_tss_addr(KVM_TSS_ADDR)
         self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
@@ -358,10 +373,15 @@ class Machine:
             raise MachineError(f"KVM refused a dirty ring of {size} bytes ({e}); try a "
                                f"larger power of two, up to {limit}") from None
 
+    def memory_slots(self) -> list[tuple[int, int, int]]:
+        """(KVM slot, guest physical address, size) of each RAM region."""
+        return [(slot, gpa, size) for slot, (gpa, size) in enumerate(self.memory.regions)]
+
     def set_dirty_logging(self, enabled: bool) -> None:
-        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for slot 0."""
+        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for every RAM slot."""
         flags = lib.KVM_MEM_LOG_DIRTY_PAGES if enabled else 0
-        self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_addr, flags)
+        for slot, gpa, size in self.memory_slots():
+            self.vm.set_user_memory_region(slot, gpa, size, self.memory.host_addr + gpa, flags)
         self.dirty_logging = enabled
 
     # -- devices ----------------------------------------------------------------------------
@@ -419,7 +439,7 @@ class Machine:
         cmdline = bootmod.Cmdline().add(self.kernel_cmdline())
         self.memory.write(mptable.MPTABLE_START, mptable.build(len(self.vcpus)))
         result = bootmod.load_kernel(self.memory, self.config.kernel, cmdline,
-                                     self.config.initrd, mptable.e820_map(self.memory.size))
+                                     self.config.initrd, mptable.e820_map(self.memory.regions))
         v = self.vcpus[0]
         bootmod.setup_vcpu(v, result)
         v.set_msrs(cpumod.boot_msrs())

@@ -90,6 +90,9 @@ class Receiver:
                  admit: Callable[["Receiver", Hello], None] | None = None):
         self.memory = memory
         self.npages = memory.size // PAGE_SIZE
+        # ranges must lie in RAM: never in the hole between regions
+        regions = getattr(memory, "ram_pfn_regions", None)
+        self.ram = regions() if regions is not None else None
         self.restore = restore
         self.resume = resume
         self.table = SECONDARY_TRANSITIONS if secondary else TRANSITIONS
@@ -139,7 +142,8 @@ class Receiver:
         if self.prefault is not None and self.state != State.WAIT_HELLO:
             self.prefault.stop()
         msg = stream.recv_body(h, self.npages,
-                               mem=self.memory if h.command == Command.MEMORY else None)
+                               mem=self.memory if h.command == Command.MEMORY else None,
+                               ram=self.ram)
         handler = getattr(self, "_on_" + h.command.name.lower())
         handler(msg, stream)
         self.state = nxt
