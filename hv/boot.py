@@ -207,27 +207,10 @@ PT_LOAD = 1
 PT_NOTE = 4
 
 
-def _elf_pvh_entry(data: bytes, phdrs) -> int | None:
-    for p_type, p_offset, p_filesz in ((p[0], p[2], p[5]) for p in phdrs):
-        if p_type != PT_NOTE:
-            continue
-        off, end = p_offset, p_offset + p_filesz
-        while off + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", data, off)
-            name_off = off + 12
-            desc_off = name_off + ((namesz + 3) & ~3)
-            name = data[name_off:name_off + namesz].rstrip(b"\0")
-            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
-                if descsz >= 8:
-                    return struct.unpack_from("<Q", data, desc_off)[0] & 0xffffffff
-                return struct.unpack_from("<I", data, desc_off)[0]
-            off = desc_off + ((descsz + 3) & ~3)
-    return None
-
-
-def _load_elf(mem: GuestMemory, data: bytes, path: str) -> tuple[int, int, int]:
-    """Copy PT_LOAD segments to p_paddr; returns (pvh entry, start, end)."""
-    if len(data) < 64 or data[4] != 2 or data[5] != 1:
+def elf_program_headers(data: bytes, path: str) -> list[tuple]:
+    """The program headers of an x86-64 little-endian ELF64 file (BootError
+    for anything else)."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
         raise BootError(f"{path!r}: only 64-bit little-endian ELF kernels are supported")
     (e_type, e_machine, _, _, e_phoff, _, _, _, e_phentsize, e_phnum) = struct.unpack_from(
         "<HHIQQQIHHH", data, 16)
@@ -239,7 +222,34 @@ def _load_elf(mem: GuestMemory, data: bytes, path: str) -> tuple[int, int, int]:
         if off + 56 > len(data):
             raise BootError(f"{path!r}: truncated ELF program headers")
         phdrs.append(struct.unpack_from("<IIQQQQQQ", data, off))
-    entry = _elf_pvh_entry(data, phdrs)
+    return phdrs
+
+
+def pvh_entry(data: bytes, path: str = "kernel", phdrs=None) -> int | None:
+    """The PVH entry point (the XEN_ELFNOTE_PHYS32_ENTRY note) of an ELF
+    kernel, or None."""
+    for p_type, p_offset, p_filesz in ((p[0], p[2], p[5])
+                                       for p in phdrs or elf_program_headers(data, path)):
+        if p_type != PT_NOTE:
+            continue
+        off, end = p_offset, min(p_offset + p_filesz, len(data))
+        while off + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", data, off)
+            name_off = off + 12
+            desc_off = name_off + ((namesz + 3) & ~3)
+            name = data[name_off:name_off + namesz].rstrip(b"\0")
+            if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY and desc_off + 4 <= end:
+                if descsz >= 8 and desc_off + 8 <= end:
+                    return struct.unpack_from("<Q", data, desc_off)[0] & 0xffffffff
+                return struct.unpack_from("<I", data, desc_off)[0]
+            off = desc_off + ((descsz + 3) & ~3)
+    return None
+
+
+def _load_elf(mem: GuestMemory, data: bytes, path: str) -> tuple[int, int, int]:
+    """Copy PT_LOAD segments to p_paddr; returns (pvh entry, start, end)."""
+    phdrs = elf_program_headers(data, path)
+    entry = pvh_entry(data, path, phdrs)
     if entry is None:
         raise BootError(f"{path!r}: no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY): build "
                         "the kernel with CONFIG_PVH=y")

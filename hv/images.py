@@ -596,37 +596,11 @@ def compile_kernel(tree, progress):
     return rel[-1] if rel else ""
 
 
-def elf_notes(path):
-    """[(name, type, desc)] of an ELF64 file's PT_NOTE segments."""
-    with open(path, "rb") as f:
-        data = f.read()
-    if data[:4] != b"\x7fELF" or data[4] != 2:
-        raise HvError("%s is not an ELF64 file" % path)
-    phoff, = struct.unpack_from("<Q", data, 0x20)
-    phentsize, phnum = struct.unpack_from("<HH", data, 0x36)
-    notes = []
-    for i in range(phnum):
-        p_type, _, p_offset, _, _, p_filesz = struct.unpack_from(
-            "<IIQQQQ", data, phoff + i * phentsize)
-        if p_type != 4:
-            continue
-        off, end = p_offset, p_offset + p_filesz
-        while off + 12 <= end:
-            namesz, descsz, ntype = struct.unpack_from("<III", data, off)
-            off += 12
-            name = data[off:off + namesz].rstrip(b"\0")
-            off += (namesz + 3) & ~3
-            desc = data[off:off + descsz]
-            off += (descsz + 3) & ~3
-            notes.append((name, ntype, desc))
-    return notes
-
-
 def pvh_entry(path):
-    for name, ntype, desc in elf_notes(path):
-        if name == b"Xen" and ntype == XEN_ELFNOTE_PHYS32_ENTRY:
-            return struct.unpack_from("<I", desc.ljust(4, b"\0"))[0]
-    return None
+    """The built kernel's PVH entry point, or None (hv.boot reads the note)."""
+    from .boot import pvh_entry as entry_of
+    with open(path, "rb") as f:
+        return entry_of(f.read(), path)
 
 
 # --------------------------------------------------------------- initramfs

@@ -198,7 +198,7 @@ def test_patch_series_is_well_formed():
 def test_config_fragment_parses():
     with open(images.config_fragment_path()) as f:
         cfg = images.parse_config_lines(f)
-    for key, want in [("CONFIG_SMP", "n"), ("CONFIG_PVH", "y"),
+    for key, want in [("CONFIG_SMP", "y"), ("CONFIG_JUMP_LABEL", "n"), ("CONFIG_PVH", "y"),
                       ("CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES", "y"),
                       ("CONFIG_VIRTIO_BALLOON", "y"),
                       ("CONFIG_LEGACY_PTYS", "n"), ("CONFIG_MODULES", "n")]:
