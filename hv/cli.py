@@ -232,8 +232,7 @@ class ConsoleWatch:
 
 def run(args) -> int:
     from .machine import Machine, MachineConfig
-    from .qmp import QmpServer
-    from .qmp_commands import QemuMonitor
+    from .qmp_commands import serve
 
     kernel, initrd = _default_images(args)
     append = args.append
@@ -247,11 +246,7 @@ def run(args) -> int:
                               dirty_ring_bytes=args.dirty_ring))
     watch = ConsoleWatch()
     m.console_listeners.append(watch)
-    server = None
-    if args.control:
-        monitor = QemuMonitor(m)
-        server = QmpServer(args.control, monitor.commands())
-        monitor.emit = server.emit
+    server = serve(args.control, m) if args.control else None
     term = None
     old_term = signal.signal(signal.SIGTERM, lambda *a: m.request_shutdown("terminated"))
     try:

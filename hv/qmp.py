@@ -365,6 +365,8 @@ class QmpServer:
         self._lock = threading.Lock()
         self._count = 0
         self._closed = False
+        #: called once by close() (the command layer detaches its listeners)
+        self.on_close: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._accept_loop, name="hv-qmp", daemon=True)
         self._thread.start()
 
@@ -476,7 +478,11 @@ class QmpServer:
 
     # -- teardown ------------------------------------------------------------------
     def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        for fn in self.on_close:
+            fn()
         try:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:

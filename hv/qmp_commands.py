@@ -35,7 +35,7 @@ from .migration.commands import install as install_migration
 from .migration.incoming import IncomingMigration
 from .migration.protocol import MigrationError
 from .migration.sender import MigrationParams
-from .qmp import DEVICE_NOT_ACTIVE, QEMU_VERSION, Command, QmpError
+from .qmp import DEVICE_NOT_ACTIVE, QEMU_VERSION, Command, QmpError, QmpServer
 
 #: hv's downstream prefix: the reverse of the domain hv.github.io
 PREFIX = "__io.github.hv_"
@@ -114,6 +114,16 @@ class QemuMonitor:
         balloon = getattr(machine, "balloon", None)
         if balloon is not None and hasattr(balloon, "actual_listeners"):
             balloon.actual_listeners.append(self._on_balloon)
+
+    def detach(self) -> None:
+        """Stop listening to the machine (its QMP server has closed)."""
+        for owner, fn in ((self.migrations.listeners, self._on_migration_event),
+                          (self.incoming.listeners, self._on_migration_event),
+                          (self.machine.status_listeners, self._on_status),
+                          (getattr(getattr(self.machine, "balloon", None),
+                                   "actual_listeners", []), self._on_balloon)):
+            if fn in owner:
+                owner.remove(fn)
 
     # -- events ------------------------------------------------------------------
     def _on_status(self, status: str, reason: str) -> None:
@@ -286,8 +296,9 @@ class QemuMonitor:
             raise QmpError("hv does not resume postcopy nor migrate block devices")
         uri = self._uri(args, "migrate")
         status = self.machine.status
-        if status in (STATUS_POSTMIGRATE, STATUS_SHUTDOWN) or \
-                self.incoming.status not in ("none", "completed"):
+        if self.incoming.status not in ("none", "completed"):
+            raise QmpError("Guest is waiting for an incoming migration")
+        if status in (STATUS_POSTMIGRATE, STATUS_SHUTDOWN):
             raise QmpError(f"Guest is not in a state to be migrated (status {status})")
         with self._lock:
             hv_args = self._hv_args(dict(self.parameters), self.capabilities, uri)
@@ -459,4 +470,14 @@ class QemuMonitor:
             raise QmpError(str(e).replace("'timeout_s'", "'timeout'")) from None
 
 
-__all__ = ["PREFIX", "QemuMonitor", "SHUTDOWN_CAUSES"]
+def serve(path: str, machine) -> QmpServer:
+    """QEMU's commands for machine, served over QMP on the UNIX socket path."""
+    monitor = QemuMonitor(machine)
+    server = QmpServer(path, monitor.commands())
+    monitor.emit = server.emit
+    server.on_close.append(monitor.detach)
+    server.monitor = monitor
+    return server
+
+
+__all__ = ["PREFIX", "QemuMonitor", "SHUTDOWN_CAUSES", "serve"]
