@@ -133,8 +133,9 @@ def test_the_same_qmp_script_drives_hv_and_qemu(vmm, tmp_path):
             assert q["ram"]["transferred"] > 0 and q["ram"]["normal"] > 0
             assert "expected-downtime" not in q and "error-desc" not in q
             assert s.execute("query-status")["status"] == "postmigrate"
-            with pytest.raises(ControlError):
-                s.execute("cont")
+            if name == "hv":        # QEMU 7.2 lets cont run both copies; hv refuses
+                with pytest.raises(ControlError, match="postmigrate"):
+                    s.execute("cont")
             d2.wait_event("MIGRATION", lambda d: d["status"] == "completed", 60)
             wait_status(d2, "running", 30)
             qd = d2.execute("query-migrate")
