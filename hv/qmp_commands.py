@@ -11,7 +11,7 @@ hv.qmp). A script written for QEMU drives hv unchanged:
 hv's own settings and figures are downstream extensions named with the
 prefix PREFIX, as qmp-spec.rst prescribes (__RFQDN_name): migrate-set-
 parameters takes __io.github.hv_free-pages (bitmap|hint|off), _verify,
-_dirty-log, _max-rounds and _downtime-strategy; query-migrate adds hv's
+_dirty-log, _max-rounds, _downtime-strategy and _hint-wait-ms; query-migrate adds hv's
 figures (pages skipped as free or zero, the rounds); the console, the vCPU
 exit counts and the free page bitmap are prefixed commands. A client that
 knows none of them gets hv's defaults.
@@ -67,11 +67,13 @@ PARAMETER_FIELDS = {
     PREFIX + "dirty-log": "dirty_log",
     PREFIX + "max-rounds": "max_rounds",
     PREFIX + "downtime-strategy": "downtime_strategy",
+    PREFIX + "hint-wait-ms": "hint_wait_ms",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
     PREFIX + "free-pages": "str", PREFIX + "verify": "bool", PREFIX + "dirty-log": "str",
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
+    PREFIX + "hint-wait-ms": "int",
 }
 
 #: hv's migration statuses that QEMU spells otherwise
@@ -88,6 +90,7 @@ def _defaults() -> dict:
         PREFIX + "dirty-log": d.dirty_log,
         PREFIX + "max-rounds": d.max_rounds,
         PREFIX + "downtime-strategy": d.downtime_strategy,
+        PREFIX + "hint-wait-ms": d.hint_wait_ms,
     }
 
 
