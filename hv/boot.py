@@ -162,16 +162,43 @@ def _write_gdt(mem: GuestMemory, table) -> None:
     mem.write_u64(IDT_ADDR, 0)
 
 
-def _read_file(path: str, what: str) -> bytes:
+def _read_file(path: str, what: str, limit: int = -1) -> bytes:
     try:
         with open(path, "rb") as f:
-            return f.read()
+            return f.read(limit)
     except FileNotFoundError:
         raise BootError(f"{what} {path!r} not found") from None
     except IsADirectoryError:
         raise BootError(f"{what} {path!r} is a directory") from None
     except PermissionError:
         raise BootError(f"{what} {path!r} is not readable") from None
+
+
+# -- initramfs ------------------------------------------------------------------
+
+#: How an initramfs starts: a cpio archive (newc, newc with CRC, odc) or one of
+#: the compressions Linux can unpack (lib/decompress.c; whether this kernel
+#: can is up to its CONFIG_RD_*). hv loads the file as it is.
+INITRD_MAGICS = {
+    b"070701": "cpio", b"070702": "cpio", b"070707": "cpio",
+    b"\x1f\x8b": "gzip", b"\x1f\x9e": "gzip", b"BZh": "bzip2", b"\x5d\x00\x00": "lzma",
+    b"\xfd7zXZ\x00": "xz", b"\x89LZO": "lzo", b"\x02\x21\x4c\x18": "lz4",
+    b"\x28\xb5\x2f\xfd": "zstd",
+}
+
+
+def check_initrd(path: str) -> str:
+    """The format of the initramfs at path ("cpio", "gzip", ...). BootError
+    when it is none: the kernel would find no init and panic."""
+    head = _read_file(path, "initrd", 4096)
+    start = head.lstrip(b"\0")             # Linux skips zero padding, so do we
+    for magic, kind in INITRD_MAGICS.items():
+        if start.startswith(magic):
+            return kind
+    what = "is empty" if not head else f"starts with {head[:8]!r}"
+    raise BootError(f"initrd {path!r} is not an initramfs (it {what}): expected a cpio "
+                    f"archive (newc 070701/070702 or odc 070707), possibly compressed with "
+                    f"gzip, bzip2, lzma, xz, lzo, lz4 or zstd; --initrd '' boots without one")
 
 
 # -- ELF (PVH) ------------------------------------------------------------------
@@ -287,7 +314,7 @@ def load_kernel(mem: GuestMemory, kernel_path: str, cmdline: Cmdline | str,
     if len(cmd) > CMDLINE_MAX:
         raise BootError(f"kernel command line too long ({len(cmd)} bytes)")
     if e820 is None:
-        e820 = mptable.e820_map(mem.size)
+        e820 = mptable.e820_map(getattr(mem, "regions", mem.size))
     if is_elf(data):
         entry, start, end = _load_elf(mem, data, kernel_path)
         protocol = PROTOCOL_PVH
@@ -304,7 +331,9 @@ def load_kernel(mem: GuestMemory, kernel_path: str, cmdline: Cmdline | str,
     if initrd_path:
         initrd = _read_file(initrd_path, "initrd")
         initrd_size = len(initrd)
-        top = min(mem.size, INITRD_ADDR_MAX + 1)
+        # below 4 GiB, in the first RAM region
+        low_end = mem.regions[0][1] if hasattr(mem, "regions") else mem.size
+        top = min(low_end, INITRD_ADDR_MAX + 1)
         initrd_addr = (top - initrd_size) & ~(INITRD_ALIGN - 1)
         if initrd_addr < end:
             raise BootError(

@@ -67,18 +67,27 @@ def _load_extensions() -> None:
                 logging.getLogger("hv.cli").debug("extension %s: %s", name, e)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the option and what is wrong), status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="run-guest", description="Run a Linux guest under hv (KVM).",
         epilog="In the interactive console, Ctrl-A X quits and Ctrl-A Ctrl-A sends Ctrl-A.")
     g = p.add_argument_group("guest")
     g.add_argument("--kernel", metavar="PATH",
                    help="ELF vmlinux with a PVH note, or a bzImage (default: the built "
                         "guest image)")
-    g.add_argument("--initrd", metavar="PATH",
+    g.add_argument("--initrd", metavar="PATH", type=_initrd,
                    help="initramfs (default: the built guest image; '' for none)")
     g.add_argument("--mem", metavar="MIB", type=int, default=DEFAULT_MEM_MIB,
                    help=f"guest RAM in MiB (default {DEFAULT_MEM_MIB})")
+    g.add_argument("--cpus", metavar="N", type=int, default=1,
+                   help="vCPUs (default 1; at most what KVM allows per guest)")
     g.add_argument("--append", metavar="ARGS", default="",
                    help="extra kernel command line arguments")
     g.add_argument("--balloon", action="store_true", help="add a virtio-balloon device")
@@ -125,6 +134,17 @@ def _bytes(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a byte count (like 65536 or 64K)")
     return value
+
+
+def _initrd(text: str) -> str:
+    """argparse type of --initrd: '' (none) or a file that is an initramfs."""
+    if text:
+        from .boot import check_initrd
+        try:
+            check_initrd(text)
+        except HvError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def _balloon_opt(text: str) -> tuple[str, object]:
@@ -240,8 +260,8 @@ def run(args) -> int:
         append = (append + " hv.exec=" +
                   base64.b64encode(args.exec_cmd.encode()).decode()).strip()
     t0 = time.monotonic()
-    m = Machine(MachineConfig(mem_mib=args.mem, kernel=kernel, initrd=initrd, append=append,
-                              balloon=args.balloon, console=sys.stdout.buffer,
+    m = Machine(MachineConfig(mem_mib=args.mem, cpus=args.cpus, kernel=kernel, initrd=initrd,
+                              append=append, balloon=args.balloon, console=sys.stdout.buffer,
                               balloon_options=balloon_options(args) if args.balloon else {},
                               dirty_ring_bytes=args.dirty_ring))
     watch = ConsoleWatch()

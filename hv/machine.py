@@ -27,8 +27,9 @@ and guest memory is frozen against VMM writes; only then does pause()
 return, so a migration's last dirty harvest and save_state() see a still
 guest. resume() undoes both before the vCPUs run.
 
-Guest physical layout: RAM from 0 (one slot, at most 3 GiB, below the 32-bit
-hole), virtio-mmio windows from 0xd0000000 (4 KiB each, GSI 5, 6, ...),
+Guest physical layout: RAM from 0 up to 0xd0000000 at most (slot 0), the
+rest of it from 4 GiB (slot 1, hv.memory.ram_layout); in the 32-bit hole
+between, the virtio-mmio windows from 0xd0000000 (4 KiB each, GSI 5, 6, ...),
 IOAPIC 0xfec00000, LAPIC 0xfee00000, the TSS and identity map pages KVM
 needs just below 4 GiB.
 """
@@ -56,14 +57,13 @@ from .devices.legacy import (I8042, I8042_BASE, I8042_LEN, POST_PORT, POWEROFF_P
                              PostCode, PowerOff)
 from .devices.uart import COM1_BASE, COM1_IRQ, NUM_REGS, Serial
 from .errors import HvError
-from .memory import GuestMemory
+from .memory import LOW_RAM_END, GuestMemory
 
 log = logging.getLogger("hv.machine")
 
 MIB = 1 << 20
 MIN_MEM_MIB = 16
-MAX_MEM_MIB = 3072          # below the 32-bit MMIO hole
-VIRTIO_MMIO_BASE = 0xd0000000
+VIRTIO_MMIO_BASE = LOW_RAM_END     # the 32-bit hole starts with the virtio windows
 VIRTIO_MMIO_SIZE = 0x1000
 VIRTIO_FIRST_GSI = 5
 VIRTIO_MAX_DEVICES = 11     # GSIs 5..15
@@ -107,6 +107,18 @@ def _fit(data: bytes, size: int) -> bytes:
     return bytes(data[:size]).ljust(size, b"\xff")
 
 
+def max_mem_mib() -> int:
+    """The most guest RAM this host can back: its own RAM (MemTotal)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) // 1024
+    except OSError:
+        pass
+    return LOW_RAM_END >> 20
+
+
 def base_cmdline() -> str:
     try:
         from . import images
@@ -129,7 +141,8 @@ class MachineConfig:
     balloon: bool = False
     #: binary stream receiving the guest's console output (None: listeners only)
     console: object = None
-    vcpus: int = 1
+    #: vCPUs (1 up to what KVM allows, KVM_CAP_MAX_VCPUS)
+    cpus: int = 1
     #: per-vCPU dirty ring size in bytes (0: no ring, use KVM_GET_DIRTY_LOG); a
     #: power of two from a page to KVM's maximum (migrate with "dirty_log": "ring")
     dirty_ring_bytes: int = 0
@@ -189,18 +202,27 @@ class KvmIrqLine(IrqLine):
 class Machine:
     def __init__(self, config: MachineConfig):
         self.config = config
-        if not MIN_MEM_MIB <= config.mem_mib <= MAX_MEM_MIB:
+        most = max_mem_mib()
+        if isinstance(config.mem_mib, bool) or not isinstance(config.mem_mib, int) or \
+                not MIN_MEM_MIB <= config.mem_mib <= most:
             raise MachineError(f"guest memory of {config.mem_mib} MiB is out of range: give "
-                               f"between {MIN_MEM_MIB} and {MAX_MEM_MIB} MiB")
-        if config.vcpus != 1:
-            raise MachineError("hv runs guests with one vCPU")
+                               f"between {MIN_MEM_MIB} and {most} MiB (this host's RAM)")
         self._balloon_kwargs = _balloon_kwargs(config) if config.balloon else {}
         self.kvm = K.Kvm()
+        max_cpus = min(self.kvm.check_extension(lib.KVM_CAP_MAX_VCPUS)
+                       or self.kvm.check_extension(lib.KVM_CAP_NR_VCPUS) or 1,
+                       mptable.MAX_CPUS)
+        if isinstance(config.cpus, bool) or not isinstance(config.cpus, int) or \
+                not 1 <= config.cpus <= max_cpus:
+            self.kvm.close()
+            raise MachineError(f"{config.cpus!r} vCPUs: this KVM runs 1 to {max_cpus} vCPUs "
+                               f"per guest (KVM_CAP_MAX_VCPUS)")
         K.install_kick_handler()
         self.memory = GuestMemory(config.mem_mib * MIB)
         self.vm = self.kvm.create_vm()
         self.dirty_logging = False
-        self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_addr)
+        for slot, gpa, size in self.memory_slots():
+            self.vm.set_user_memory_region(slot, gpa, size, self.memory.host_addr + gpa)
         self.vm.set_tss_addr(KVM_TSS_ADDR)
         self.vm.set_identity_map_addr(KVM_IDENTITY_MAP_ADDR)
         self.vm.create_irqchip()
@@ -215,9 +237,9 @@ class Machine:
         self.supported_cpuid = self.kvm.supported_cpuid()
         self.vcpus: list[K.Vcpu] = []
         self.cpuid_workarounds: list[str] = []
-        for i in range(config.vcpus):
+        for i in range(config.cpus):
             v = self.vm.create_vcpu(i)
-            wanted = cpumod.guest_cpuid(self.supported_cpuid, i, config.vcpus)
+            wanted = cpumod.guest_cpuid(self.supported_cpuid, i, config.cpus)
             v.set_cpuid2(wanted)
             if i == 0:
                 self.cpuid_workarounds = cpumod.kernel_workarounds(wanted, v.get_cpuid2())
@@ -260,6 +282,8 @@ class Machine:
         self._threads: list[threading.Thread] = []
         self._in_run = [False] * len(self.vcpus)
         self._parked = [False] * len(self.vcpus)
+        #: work for a parked vCPU thread: [(fn(vcpu), result box)] per vCPU
+        self._requests: list[list] = [[] for _ in self.vcpus]
         #: fn(new_status, reason) after every run-state change (any thread)
         self.status_listeners: list[Callable[[str, str], None]] = []
         self.shutdown_reason: str | None = None
@@ -311,10 +335,9 @@ class Machine:
                 deadline = time.monotonic() + timeout
                 continue
             if time.monotonic() >= deadline:
-                why = ("the guest is paused" if self.serial.quiesced else
-                       f"the guest has not read its console for {timeout:g} s")
-                raise MachineError(f"console input: {why}; {len(data) - len(left)} of "
-                                   f"{len(data)} bytes typed")
+                raise MachineError(f"console input: the guest has not read its console for "
+                                   f"{timeout:g} s; {len(data) - len(left)} of {len(data)} "
+                                   f"bytes typed")
             time.sleep(0.01)
         return len(data)
 
@@ -350,10 +373,15 @@ class Machine:
             raise MachineError(f"KVM refused a dirty ring of {size} bytes ({e}); try a "
                                f"larger power of two, up to {limit}") from None
 
+    def memory_slots(self) -> list[tuple[int, int, int]]:
+        """(KVM slot, guest physical address, size) of each RAM region."""
+        return [(slot, gpa, size) for slot, (gpa, size) in enumerate(self.memory.regions)]
+
     def set_dirty_logging(self, enabled: bool) -> None:
-        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for slot 0."""
+        """Turn KVM_MEM_LOG_DIRTY_PAGES on or off for every RAM slot."""
         flags = lib.KVM_MEM_LOG_DIRTY_PAGES if enabled else 0
-        self.vm.set_user_memory_region(0, 0, self.memory.size, self.memory.host_addr, flags)
+        for slot, gpa, size in self.memory_slots():
+            self.vm.set_user_memory_region(slot, gpa, size, self.memory.host_addr + gpa, flags)
         self.dirty_logging = enabled
 
     # -- devices ----------------------------------------------------------------------------
@@ -411,7 +439,7 @@ class Machine:
         cmdline = bootmod.Cmdline().add(self.kernel_cmdline())
         self.memory.write(mptable.MPTABLE_START, mptable.build(len(self.vcpus)))
         result = bootmod.load_kernel(self.memory, self.config.kernel, cmdline,
-                                     self.config.initrd, mptable.e820_map(self.memory.size))
+                                     self.config.initrd, mptable.e820_map(self.memory.regions))
         v = self.vcpus[0]
         bootmod.setup_vcpu(v, result)
         v.set_msrs(cpumod.boot_msrs())
@@ -644,6 +672,9 @@ class Machine:
                             self._parked[index] = True
                             self._on_paused(vcpu)
                             self._cond.notify_all()
+                        if self._requests[index]:
+                            self._serve_requests(index, vcpu)
+                            continue
                         self._cond.wait()
                         continue
                     # running: clear a kick left over from an earlier pause
@@ -704,6 +735,42 @@ class Machine:
                 self.request_shutdown("internal-error")
             else:
                 log.warning("unhandled vCPU exit %r", ex)
+
+    def _serve_requests(self, index: int, vcpu: K.Vcpu) -> None:
+        """Run what other threads asked of this parked vCPU (under _cond)."""
+        while self._requests[index]:
+            fn, box = self._requests[index].pop(0)
+            try:
+                box["result"] = fn(vcpu)
+            except BaseException as e:
+                box["error"] = e
+            box["done"] = True
+        self._cond.notify_all()
+
+    def on_vcpu(self, index: int, fn: Callable[[K.Vcpu], object]) -> object:
+        """fn(vcpu) run by the thread that owns vCPU index (KVM wants a vCPU's
+        ioctls from its own thread), which must be parked; returns fn's
+        result. Before start() and after the thread ended, runs here."""
+        thread = self._threads[index] if self._threads else None
+        if thread is None or thread is threading.current_thread() or \
+                thread.ident is None or not thread.is_alive():
+            return fn(self.vcpus[index])
+        box: dict = {}
+        with self._cond:
+            if not self._parked[index]:
+                raise MachineError(f"vCPU {index} is running: pause the machine first")
+            self._requests[index].append((fn, box))
+            self._cond.notify_all()
+            while "done" not in box:
+                if not thread.is_alive():
+                    raise MachineError(f"vCPU {index} ended before it answered")
+                self._cond.wait(0.1)
+        if "error" in box:
+            raise box["error"]
+        return box["result"]
+
+    def on_each_vcpu(self, fn: Callable[[K.Vcpu], object]) -> list:
+        return [self.on_vcpu(i, fn) for i in range(len(self.vcpus))]
 
     def _on_paused(self, vcpu: K.Vcpu) -> None:
         try:
@@ -775,28 +842,12 @@ class Machine:
         with self._cond:
             if self._threads and self._status not in (STATUS_PAUSED, STATUS_SHUTDOWN):
                 raise MachineError("pause the machine before saving its state")
-        vcpus = []
-        for v in self.vcpus:
-            vs = {
-                "regs": v.get_regs(),
-                "sregs": v.get_sregs(),
-                "fpu": v.get_fpu(),
-                "msrs": [[i, val] for i, val in v.get_msrs(self.msr_indices).items()],
-                "lapic": v.get_lapic(),
-                "events": v.get_vcpu_events(),
-                "mp_state": v.get_mp_state(),
-                "debugregs": v.get_debugregs(),
-            }
-            if self.has_xcrs:
-                try:
-                    vs["xcrs"] = v.get_xcrs()
-                except K.KvmError:
-                    pass
-            vcpus.append(vs)
+        devices = {d.name: d.save() for d in self.devices()}
         return {
             "version": STATE_VERSION,
             "mem_size": self.memory.size,
-            "vcpus": vcpus,
+            "vcpus": self.on_each_vcpu(self._save_vcpu),
+            # after the devices: an interrupt a device raised is in it
             "irqchip": {
                 "pic_master": self.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_MASTER),
                 "pic_slave": self.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_SLAVE),
@@ -804,8 +855,26 @@ class Machine:
             },
             "pit": self.vm.get_pit2(),
             "clock": self.vm.get_clock(),
-            "devices": {d.name: d.save() for d in self.devices()},
+            "devices": devices,
         }
+
+    def _save_vcpu(self, v: K.Vcpu) -> dict:
+        vs = {
+            "regs": v.get_regs(),
+            "sregs": v.get_sregs(),
+            "fpu": v.get_fpu(),
+            "msrs": [[i, val] for i, val in v.get_msrs(self.msr_indices).items()],
+            "lapic": v.get_lapic(),
+            "events": v.get_vcpu_events(),
+            "mp_state": v.get_mp_state(),
+            "debugregs": v.get_debugregs(),
+        }
+        if self.has_xcrs:
+            try:
+                vs["xcrs"] = v.get_xcrs()
+            except K.KvmError:
+                pass
+        return vs
 
     def restore_state(self, state: dict) -> None:
         """Load save_state() output into this freshly created, not booted machine."""
@@ -845,6 +914,10 @@ class Machine:
             if d is None:
                 raise MachineError(f"saved device {name!r} does not exist on this machine")
             d.restore(ds)
+        missing = sorted(set(devices) - set(state["devices"]))
+        if missing:
+            raise MachineError(f"the saved machine has no {', '.join(missing)}: start the "
+                               f"destination with the same devices as the source")
 
     # -- control commands -------------------------------------------------------------------------
     def _cmd_query_status(self, args: dict) -> dict:
@@ -877,8 +950,16 @@ class Machine:
 
     # -- teardown -----------------------------------------------------------------------------------
     def close(self) -> None:
+        """Stop the vCPUs, close the devices, and release KVM and guest RAM;
+        a vCPU thread that will not end keeps them mapped (and leaks them)
+        rather than fault on an unmapped kvm_run or guest page."""
         if any(t.is_alive() for t in self._threads):
             self.stop()
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        if stuck:
+            log.error("%s still running: guest memory and the vCPU mappings stay mapped",
+                      ", ".join(stuck))
+            return
         for d in self.devices():
             try:
                 d.close()

@@ -1,8 +1,14 @@
 """Guest RAM: one anonymous host mapping seen by the guest at GPA 0.
 
-The mapping is registered with KVM as a memory slot by hv.machine. Every
-access from Python is bounds-checked and fails with GuestMemoryError instead
-of touching host memory outside the guest.
+RAM lies below the 32-bit hole (up to LOW_RAM_END, where the MMIO windows,
+IOAPIC, LAPIC and KVM's TSS begin) and, for larger guests, the rest from
+4 GiB up. One host mapping spans all of it, so that a guest physical address
+is also the offset into the mapping, everywhere in hv (bitmaps, page
+ranges on the wire, the native page loops); the hole in between is mapped
+PROT_NONE and costs nothing. hv.machine registers each RAM region with KVM
+as a memory slot (regions). Every access from Python is bounds-checked and
+fails with GuestMemoryError instead of touching host memory outside guest
+RAM, the hole included.
 
 KVM's dirty log sees only writes made by the guest. Writes the VMM makes
 (virtio used rings, device-written buffers) go through write()/mark_dirty(),
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import struct
 import threading
 
@@ -29,6 +36,18 @@ from .errors import GuestMemoryError
 PAGE_SHIFT = 12
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 PAGE_SIZE = 1 << PAGE_SHIFT
+#: RAM below 4 GiB ends here at most; the 32-bit hole above it holds the
+#: virtio-mmio windows (hv.machine.VIRTIO_MMIO_BASE), IOAPIC, LAPIC, TSS
+LOW_RAM_END = 0xd0000000
+HIGH_RAM_START = 1 << 32
+
+
+def ram_layout(ram_bytes: int) -> list[tuple[int, int]]:
+    """(guest physical address, size) of each RAM region of a guest with
+    ram_bytes of RAM: below the 32-bit hole, and the rest from 4 GiB."""
+    if ram_bytes <= LOW_RAM_END:
+        return [(0, ram_bytes)]
+    return [(0, LOW_RAM_END), (HIGH_RAM_START, ram_bytes - LOW_RAM_END)]
 
 
 def bitmap_words(npages: int) -> int:
@@ -40,16 +59,29 @@ class GuestMemory:
     """Guest physical memory [0, size) backed by an anonymous mapping."""
 
     def __init__(self, size: int):
+        """size bytes of RAM, laid out as ram_layout(size) says. self.size
+        and self.npages then cover every guest physical page up to the end
+        of RAM (the hole included: its bits in a bitmap stay clear)."""
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(
                 f"guest memory size {size} is not a positive multiple of {PAGE_SIZE}")
-        self.size = size
-        self.npages = size // PAGE_SIZE
-        self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        self.ram_size = size
+        self.regions = ram_layout(size)
+        self.size = self.regions[-1][0] + self.regions[-1][1]
+        self.npages = self.size // PAGE_SIZE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self._map = mmap.mmap(-1, self.size, flags=flags,
                               prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._anchor = ctypes.c_char.from_buffer(self._map)
         self.host_addr = ctypes.addressof(self._anchor)
         self.view = memoryview(self._map)
+        self._low_end = self.regions[0][1]
+        for (a, n), (b, _) in zip(self.regions, self.regions[1:]):
+            # the hole: any touch faults instead of reading or writing host memory
+            if _libc.mprotect(ctypes.c_void_p(self.host_addr + a + n),
+                              ctypes.c_size_t(b - a - n), 0) != 0:
+                raise GuestMemoryError(f"mprotect of the 32-bit hole failed: "
+                                       f"{os.strerror(ctypes.get_errno())}")
         self._dirty = np.zeros(self.npages, dtype=bool)
         self._dirty_lock = threading.Lock()
         self.frozen = False
@@ -73,13 +105,28 @@ class GuestMemory:
     # -- bounds ---------------------------------------------------------
     def check(self, gpa: int, length: int) -> None:
         """Raise GuestMemoryError unless [gpa, gpa+length) lies in guest RAM."""
-        if gpa < 0 or length < 0 or gpa + length > self.size:
+        if not self.contains(gpa, length):
+            where = ", ".join(f"[{a:#x}, {a + n:#x})" for a, n in self.regions)
             raise GuestMemoryError(
-                f"guest access [{gpa:#x}, {gpa + length:#x}) is outside guest RAM "
-                f"[0, {self.size:#x})")
+                f"guest access [{gpa:#x}, {gpa + length:#x}) is outside guest RAM {where}")
 
     def contains(self, gpa: int, length: int) -> bool:
-        return 0 <= gpa and 0 <= length and gpa + length <= self.size
+        if gpa < 0 or length < 0:
+            return False
+        if gpa + length <= self._low_end:
+            return True
+        return any(a <= gpa and gpa + length <= a + n for a, n in self.regions[1:])
+
+    def ram_pfn_regions(self) -> list[tuple[int, int]]:
+        """(first pfn, pages) of each RAM region."""
+        return [(a // PAGE_SIZE, n // PAGE_SIZE) for a, n in self.regions]
+
+    def ram_bitmap(self) -> np.ndarray:
+        """Every RAM page set (KVM layout, npages bits; the hole clear)."""
+        bits = np.zeros(self.npages, dtype=bool)
+        for first, n in self.ram_pfn_regions():
+            bits[first:first + n] = True
+        return pack_bitmap(bits)
 
     # -- byte access ----------------------------------------------------
     def read(self, gpa: int, length: int) -> bytes:
@@ -167,21 +214,27 @@ class GuestMemory:
         their content (MADV_POPULATE_WRITE, Linux 5.14), step bytes at a time
         until done or stop is set. Safe while others write guest RAM. Returns
         False where the host kernel cannot do it."""
-        for start in range(0, self.size, step):
-            if stop is not None and stop.is_set():
-                return True
-            try:
-                self._map.madvise(MADV_POPULATE_WRITE, start, min(step, self.size - start))
-            except OSError:
-                return False
+        for base, length in self.regions:
+            for start in range(base, base + length, step):
+                if stop is not None and stop.is_set():
+                    return True
+                try:
+                    self._map.madvise(MADV_POPULATE_WRITE, start,
+                                      min(step, base + length - start))
+                except OSError:
+                    return False
         return True
 
     def resident_bytes(self) -> int:
         """Host memory actually backing guest RAM now (mincore(2))."""
-        vec = (ctypes.c_ubyte * self.npages)()
-        if _libc.mincore(ctypes.c_void_p(self.host_addr), ctypes.c_size_t(self.size), vec) != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        return int(np.frombuffer(vec, dtype=np.uint8).__and__(1).sum()) * PAGE_SIZE
+        total = 0
+        for base, length in self.regions:
+            vec = (ctypes.c_ubyte * (length // PAGE_SIZE))()
+            if _libc.mincore(ctypes.c_void_p(self.host_addr + base), ctypes.c_size_t(length),
+                             vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore failed")
+            total += int(np.frombuffer(vec, dtype=np.uint8).__and__(1).sum())
+        return total * PAGE_SIZE
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

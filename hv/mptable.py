@@ -44,9 +44,13 @@ def _checksum(data: bytes) -> int:
     return (-sum(data)) & 0xff
 
 
+#: processor entries an MP table can hold (8-bit APIC IDs; one is the IOAPIC's)
+MAX_CPUS = 254
+
+
 def build(num_cpus: int = 1, base: int = MPTABLE_START) -> bytes:
     """The floating pointer followed by the configuration table, for GPA base."""
-    if not 1 <= num_cpus <= 254:
+    if not 1 <= num_cpus <= MAX_CPUS:
         raise MpTableError(f"{num_cpus} CPUs do not fit an MP table")
     ioapic_id = num_cpus + 1
     entries = b""
@@ -81,16 +85,21 @@ def build(num_cpus: int = 1, base: int = MPTABLE_START) -> bytes:
     return out
 
 
-def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
-    """(address, size, type) entries: base RAM up to the EBDA, the legacy hole
-    reserved (MP table, video memory, BIOS area), the rest above 1 MiB."""
-    if mem_size <= HIMEM_START:
-        raise MpTableError(f"guest RAM of {mem_size} bytes ends below 1 MiB")
+def e820_map(regions) -> list[tuple[int, int, int]]:
+    """(address, size, type) entries for RAM regions [(address, size)] (or a
+    size: one region at 0): base RAM up to the EBDA, the legacy hole reserved
+    (MP table, video memory, BIOS area), the rest of the first region above
+    1 MiB, then every further region (RAM above 4 GiB)."""
+    if isinstance(regions, int):
+        regions = [(0, regions)]
+    (base, low), rest = regions[0], regions[1:]
+    if base != 0 or low <= HIMEM_START:
+        raise MpTableError(f"guest RAM of {low} bytes at {base:#x} ends below 1 MiB")
     return [
         (0, EBDA_START, E820_RAM),
         (EBDA_START, HIMEM_START - EBDA_START, E820_RESERVED),
-        (HIMEM_START, mem_size - HIMEM_START, E820_RAM),
-    ]
+        (HIMEM_START, low - HIMEM_START, E820_RAM),
+    ] + [(addr, size, E820_RAM) for addr, size in rest]
 
 
 def parse(data: bytes) -> dict:

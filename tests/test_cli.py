@@ -268,3 +268,72 @@ def test_run_guest_migrates_with_the_dirty_ring(tmp_path):
     finally:
         src.stop()
         dst.stop()
+
+
+def _not_an_initramfs(tmp_path):
+    p = tmp_path / "kernel-config.txt"
+    p.write_text("CONFIG_BLK_DEV_INITRD=y\n")
+    return str(p)
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["--incoming", "tcp:127.0.0.1:99999"], "the port must be 0..65535, not 99999"),
+    (["--incoming", "tcp:[::1]:70000"], "the port must be 0..65535, not 70000"),
+    (["--incoming", "tcp:"], "expected tcp:HOST:PORT with PORT a number 0..65535"),
+    (["--incoming", "tcp::x"], "expected tcp:HOST:PORT with PORT a number 0..65535"),
+    (["--incoming", "udp:1.2.3.4:5"], "only tcp:HOST:PORT is supported"),
+    (["--incoming", "tcp:::1:5"], "write an IPv6 address in brackets"),
+    (["--incoming-io-timeout", "-1"], "'-1' is not a number of seconds > 0"),
+    (["--incoming-io-timeout", "0"], "'0' is not a number of seconds > 0"),
+    (["--incoming-io-timeout", "nan"], "'nan' is not a number of seconds > 0"),
+    (["--incoming-io-timeout", "inf"], "'inf' is not a number of seconds > 0"),
+    (["--incoming-timeout", "-1"], "'-1' is not a number of seconds > 0"),
+    (["--incoming-timeout", "inf"], "'inf' is not a number of seconds > 0"),
+    (["--initrd", "/dev/null"], "initrd '/dev/null' is not an initramfs (it is empty)"),
+    (["--initrd", _not_an_initramfs], "is not an initramfs (it starts with b'CONFIG_B')"),
+    (["--initrd", "/no/such/initrd"], "initrd '/no/such/initrd' not found"),
+])
+def test_bad_arguments_are_one_line_usage_errors(argv, msg, capsys, tmp_path):
+    """Refused while parsing, before any machine exists: one line, status 2."""
+    argv = [a(tmp_path) if callable(a) else a for a in argv]
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--kernel", PVH, *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert msg in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_initramfs_formats_are_accepted(tmp_path):
+    for name, head in (("newc", b"070701"), ("crc", b"070702"), ("odc", b"070707"),
+                       ("gz", b"\x1f\x8b\x08\x00"), ("xz", b"\xfd7zXZ\x00"),
+                       ("zst", b"\x28\xb5\x2f\xfd"), ("lz4", b"\x02\x21\x4c\x18"),
+                       ("padded", b"\0" * 512 + b"070701")):
+        p = tmp_path / name
+        p.write_bytes(head + b"\0" * 100)
+        assert cli.build_parser().parse_args(["--initrd", str(p)]).initrd == str(p)
+    assert cli.build_parser().parse_args(["--initrd", ""]).initrd == ""
+
+
+def test_incoming_prints_its_uri_for_scripts(capsys):
+    """--incoming tcp:HOST:0 listens on a free port; stderr names it in a form a
+    script can read back (and still says it is waiting)."""
+    import re
+    from hv.memory import GuestMemory
+    from hv.migration.protocol import MigrationError
+    from hv.migration.receiver import incoming, parse_uri
+
+    class Unbooted:
+        memory = GuestMemory(1 << 20)
+        status = "prelaunch"
+
+        def restore_state(self, s):
+            pass
+    seen = []
+    with pytest.raises(MigrationError, match="no migration arrived within 0.3 s"):
+        incoming(Unbooted(), "tcp:127.0.0.1:0", accept_timeout=0.3, prefault=False,
+                 on_listening=lambda h, p: seen.append(p))
+    lines = capsys.readouterr().err.splitlines()
+    m = [re.fullmatch(r"hv: incoming migration listening on (tcp:\S+)", l) for l in lines]
+    uris = [x.group(1) for x in m if x]
+    assert len(uris) == 1 and parse_uri(uris[0]) == ("127.0.0.1", seen[0]) and seen[0] > 0
+    assert any("waiting for an incoming migration" in l for l in lines)

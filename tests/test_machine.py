@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import numpy as np
 import pytest
 
 from conftest import Console
@@ -54,10 +55,29 @@ def test_pvh_guest_runs_and_powers_off():
 
 
 def test_memory_limits():
+    from hv.machine import max_mem_mib
     with pytest.raises(MachineError, match="out of range"):
         Machine(MachineConfig(mem_mib=4, kernel=PVH))
-    with pytest.raises(MachineError, match="out of range"):
-        Machine(MachineConfig(mem_mib=4096, kernel=PVH))
+    with pytest.raises(MachineError, match="this host's RAM"):
+        Machine(MachineConfig(mem_mib=max_mem_mib() + 1, kernel=PVH))
+
+
+def test_ram_above_4g_has_two_slots_and_a_hole():
+    """RAM past the 32-bit hole continues at 4 GiB, in a slot of its own; the
+    hole is neither RAM in the e820 map nor reachable through GuestMemory."""
+    from hv import mptable
+    from hv.errors import GuestMemoryError
+    with Machine(MachineConfig(mem_mib=4096, kernel=PVH)) as m:
+        low = 0xd0000000
+        assert m.memory_slots() == [(0, 0, low), (1, 1 << 32, (4096 << 20) - low)]
+        assert mptable.e820_map(m.memory.regions)[-1] == (1 << 32, (4096 << 20) - low, 1)
+        m.memory.write((1 << 32) + 123, b"high")
+        assert m.memory.read((1 << 32) + 123, 4) == b"high"
+        for gpa in (low, 0xfee00000, (1 << 32) - 4):
+            with pytest.raises(GuestMemoryError, match="outside guest RAM"):
+                m.memory.read(gpa, 8)
+        bits = np.unpackbits(m.memory.ram_bitmap().view(np.uint8), bitorder="little")
+        assert bits.sum() == 4096 << 8 and not bits[low >> 12:(1 << 32) >> 12].any()
 
 
 def test_pause_resume_save_restore_idle_guest():

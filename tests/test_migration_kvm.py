@@ -28,14 +28,24 @@ from hv.migration.receiver import listen
 from hv.migration.sender import Migration, MigrationParams
 
 from loopback import migrate_over_loopback  # noqa: E402
-from tinyguest import flat32  # noqa: E402
+from tinyguest import flat32, long64  # noqa: E402
 
 pytestmark = pytest.mark.kvm
 
 LOAD = 0x1000
-CODE = bytes.fromhex("be00001000" "31c9" "41" "89c8" "25ff030000" "c1e00c" "890c06"
-                     "890d00200000" "ebea")
 MEM_MIB = 32
+
+
+def writer_code(window: int, counter_at: int) -> bytes:
+    """The loop above with its window and counter address."""
+    return (b"\xbe" + window.to_bytes(4, "little") + bytes.fromhex(
+        "31c9" "41" "89c8" "25ff030000" "c1e00c" "890c06" "890d") +
+        counter_at.to_bytes(4, "little") + b"\xeb\xea")
+
+
+CODE = writer_code(0x100000, 0x2000)
+#: vCPU i > 0 of writer_guest(cpus=N): code, window and counter of its own
+AP_LOAD, AP_WINDOW, AP_COUNTER = 0x1100, 0x1400000, 0x2000
 
 
 def make_machine(**kw):
@@ -44,18 +54,33 @@ def make_machine(**kw):
 
 
 def writer_guest(**kw):
+    """The writer on every vCPU: vCPU 0 as above, vCPU i its own copy at
+    AP_LOAD + 0x40 i writing a 4 MiB window at AP_WINDOW + 4 MiB (i - 1) and
+    its counter at AP_COUNTER + 4 i."""
+    from hv._kvm import lib
     m = make_machine(**kw)
     m.memory.write(LOAD, CODE)
     # some static data the guest never touches, and a "free" area of garbage
     m.memory.array()[8 << 20:12 << 20] = np.random.default_rng(3).integers(
         0, 256, 4 << 20, dtype=np.uint8)
     flat32(m.vcpus[0])
+    for i, v in enumerate(m.vcpus[1:], 1):
+        at = AP_LOAD + 0x40 * i
+        m.memory.write(at, writer_code(AP_WINDOW + (4 << 20) * (i - 1), AP_COUNTER + 4 * i))
+        flat32(v, rip=at, rsp=0x8000 - 0x400 * i)
+        v.set_mp_state(lib.KVM_MP_STATE_RUNNABLE)   # no INIT/SIPI: started as it is
     m.start()
     deadline = time.monotonic() + 30
-    while m.memory.read_u32(0x2000) < 1000:
+    while min(counters(m)) < 1000:
         assert time.monotonic() < deadline, "the tiny guest does not run"
         time.sleep(0.01)
     return m
+
+
+def counters(m) -> list[int]:
+    """Each vCPU's counter."""
+    return [m.memory.read_u32(0x2000 if i == 0 else AP_COUNTER + 4 * i)
+            for i in range(len(m.vcpus))]
 
 
 def counter(m):
@@ -166,3 +191,79 @@ def test_three_connections_rate_limited_and_no_balloon(machines):
     while counter(dst) <= c0 + 100:
         assert time.monotonic() < deadline
         time.sleep(0.01)
+
+
+@pytest.mark.parametrize("ring", [0, 64 * 1024], ids=["bitmap", "ring"])
+def test_two_vcpus_pause_save_and_migrate(machines, ring):
+    """Every vCPU stops at a pause, is saved, and goes on from where it
+    stopped on the destination; with dirty rings, every vCPU's is harvested."""
+    src = machines("src", cpus=2, dirty_ring_bytes=ring)
+    dst = machines("dst", cpus=2, dirty_ring_bytes=ring)
+    src.pause()
+    still = counters(src)
+    time.sleep(0.2)
+    assert counters(src) == still, "a vCPU ran while paused"
+    assert len(src.save_state()["vcpus"]) == 2
+    src.resume()
+    time.sleep(0.2)
+    assert all(b > a for a, b in zip(still, counters(src))), "a vCPU did not resume"
+    snaps = {}
+
+    def on_paused(m):
+        snaps["counters"] = counters(m)
+    q, res = migrate_over_loopback(src, dst, timeout=30, free_pages="off", verify=True,
+                                   downtime_ms=1000, on_paused=on_paused)
+    assert q["status"] == "completed", q
+    assert res["rx"].verified
+    # each vCPU goes on counting from its own saved value (ecx), not from 0
+    assert all(c >= s for c, s in zip(counters(dst), snaps["counters"]))
+    deadline = time.monotonic() + 20
+    while not all(c > s + 1000 for c, s in zip(counters(dst), snaps["counters"])):
+        assert time.monotonic() < deadline, (counters(dst), snaps)
+        time.sleep(0.01)
+
+
+def high_writer_code(window: int, counter_at: int) -> bytes:
+    """64-bit: the writer loop over 1024 pages from window (above 4 GiB),
+    its counter at the absolute address counter_at."""
+    loop = bytes.fromhex("ffc1" "89c8" "25ff030000" "c1e00c" "890c06" "890c25") + \
+        counter_at.to_bytes(4, "little")
+    return (b"\x48\xbe" + window.to_bytes(8, "little") + bytes.fromhex("31c9") + loop +
+            b"\xeb" + (256 - len(loop) - 2).to_bytes(1, "little"))
+
+
+HIGH_MEM_MIB = (0xd0000000 >> 20) + 64          # 64 MiB of RAM above 4 GiB
+HIGH_WINDOW = (1 << 32) + (1 << 20)
+
+
+def test_guest_writing_above_4g_migrates():
+    """RAM above 4 GiB (slot 1) is logged, sent and verified like the rest."""
+    from hv.machine import Machine, MachineConfig
+    src = Machine(MachineConfig(mem_mib=HIGH_MEM_MIB))
+    dst = Machine(MachineConfig(mem_mib=HIGH_MEM_MIB))
+    try:
+        src.memory.write(LOAD, high_writer_code(HIGH_WINDOW, 0x2000))
+        long64(src.vcpus[0], src.memory)
+        src.start()
+        deadline = time.monotonic() + 30
+        while src.memory.read_u32(0x2000) < 5000:
+            assert time.monotonic() < deadline, "the 64-bit guest does not run"
+            time.sleep(0.01)
+        assert src.memory.read_u32(HIGH_WINDOW + 0x1000) != 0
+        snaps = {}
+
+        def on_paused(m):
+            snaps["counter"] = m.memory.read_u32(0x2000)
+        q, res = migrate_over_loopback(src, dst, timeout=60, free_pages="off", verify=True,
+                                       downtime_ms=1000, on_paused=on_paused)
+        assert q["status"] == "completed", q
+        assert res["rx"].verified
+        # the high pages were dirty-logged and sent in the rounds, not just once
+        assert q["pages_sent"] >= 1024 and len(q["rounds"]) >= 2
+        deadline = time.monotonic() + 20
+        while dst.memory.read_u32(0x2000) <= snaps["counter"] + 1000:
+            assert time.monotonic() < deadline, "the guest does not run on the destination"
+            time.sleep(0.01)
+    finally:
+        src.close()
+        dst.close()

@@ -16,6 +16,7 @@ test_migration_kvm (no Linux image needed):
   recovered and reported.
 """
 
+import re
 import socket
 import threading
 import time
@@ -32,7 +33,7 @@ from hv.migration.sender import Migration, MigrationParams
 from hv.migration.protocol import MigrationError
 
 from loopback import migrate_over_loopback
-from test_migration_kvm import counter, make_machine, writer_guest
+from test_migration_kvm import MEM_MIB, counter, make_machine, writer_guest
 
 pytestmark = pytest.mark.kvm
 
@@ -302,3 +303,69 @@ def test_overfilled_ring_is_recovered():
     ring["flags"][20:23] = lib.KVM_DIRTY_GFN_F_DIRTY
     ring["offset"][20:23] = [7, 8, 9]
     assert list(Vcpu.harvest_dirty_ring_arrays(v)[1]) == [7, 8, 9]
+
+
+def test_verify_hashes_only_the_final_round_while_paused(machines, monkeypatch):
+    """Hashing for verify happens while the guest runs; inside the pause only
+    the pages of the final round are hashed (on either side)."""
+    from hv.migration import pages
+    src, dst = machines("src"), machines("dst")
+    hashed_paused = []
+    real = pages.hashes
+
+    def counting(mem, starts, counts, *a):
+        out = real(mem, starts, counts, *a)
+        if src.status == "paused" and mem is src.memory:
+            hashed_paused.append(len(out))
+        return out
+    monkeypatch.setattr(pages, "hashes", counting)
+    q, res = migrate_over_loopback(src, dst, free_pages="off", verify=True, downtime_ms=1000)
+    assert q["status"] == "completed", q
+    assert res["rx"].verified and q["verify_ms"] > 0
+    final = q["rounds"][-1]
+    assert final.get("final")
+    assert sum(hashed_paused) <= final["pages"], (hashed_paused, final)
+    assert res["rx"].stats["verified_pages"] > 4 * final["pages"]
+
+
+def test_close_keeps_memory_mapped_under_a_live_vcpu_thread(machines, monkeypatch):
+    src = machines("src")
+    thread = src._threads[0]
+    monkeypatch.setattr(src, "stop", lambda timeout=10.0: None)   # a vCPU that will not end
+    src.close()
+    assert thread.is_alive() and runs(src)      # its memory is still there
+    monkeypatch.undo()
+    src.stop()
+
+
+def _bad_queue(state):
+    """The state with the balloon's first queue ready at an address past RAM."""
+    t = state["devices"]["virtio-mmio.0"]
+    t["status"] |= 0xF              # DRIVER_OK: the queues are in use
+    q = dict(size=64, ready=True, desc=(MEM_MIB << 20) + 0x1000, avail=0x2000, used=0x3000,
+             last_avail_idx=0, used_idx=0, signalled_used=0, signalled_valid=False,
+             event_idx=False, indirect=False)
+    t["queues"] = [q, dict(q, ready=False)]     # inflate and deflate
+    return state
+
+
+@pytest.mark.parametrize("mutate,why", [
+    (_bad_queue, "queue 0: descriptor table .* is outside guest RAM"),
+    (lambda s: {**s, "devices": {k: v for k, v in s["devices"].items()
+                                 if k != "serial0"}}, "serial0"),
+    (lambda s: {**s, "devices": {**s["devices"], "serial0": {
+        **s["devices"]["serial0"], "divisor": 1 << 20}}}, "divisor"),
+])
+def test_bad_state_is_refused_and_nothing_resumes(machines, mutate, why):
+    src = machines("src", balloon=True)
+    dst = machines("dst", balloon=True)
+
+    def hostile_restore(state):
+        dst.restore_state(mutate(state))
+    q, res = migrate_over_loopback(src, dst, hostile_restore, free_pages="off",
+                                   downtime_ms=1000)
+    assert q["status"] == "failed", q
+    assert "restoring the machine state failed" in q["error"]
+    assert re.search(why, q["error"]), q["error"]
+    assert not dst.started and dst.status != "running"
+    assert src.status == "running" and runs(src)

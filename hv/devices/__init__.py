@@ -21,6 +21,37 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ..errors import HvError
+
+
+class DeviceStateError(HvError):
+    """A saved device state (from a migration stream) the device cannot take."""
+
+
+def checked_state(what: str, state, fields: dict) -> dict:
+    """state (from the wire) with exactly the fields of `fields`, each of its
+    kind: bool, bytes, a frozenset of the values allowed, or (lo, hi) for an
+    int in that range; raises
+    DeviceStateError naming the first that is not."""
+    if not isinstance(state, dict) or set(state) != set(fields):
+        got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+        raise DeviceStateError(f"{what}: saved state has {got}, expected {sorted(fields)}")
+    for name, kind in fields.items():
+        v = state[name]
+        if kind is bool:
+            ok = isinstance(v, bool)
+        elif kind is bytes:
+            ok = isinstance(v, bytes)
+        elif isinstance(kind, frozenset):
+            ok = isinstance(v, (str, int)) and v in kind
+        else:
+            lo, hi = kind
+            ok = isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        if not ok:
+            raise DeviceStateError(f"{what}: saved {name} {v!r:.40} is not what the device "
+                                   f"can hold")
+    return state
+
 
 class IrqLine:
     """A guest interrupt line (a GSI of the in-kernel irqchip)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from . import Device
+from . import Device, checked_state
 
 POWEROFF_PORT = 0xf4
 I8042_BASE = 0x60
@@ -123,6 +123,8 @@ class I8042(Device):
                 "pending": -1 if self.pending is None else self.pending}
 
     def restore(self, state: dict) -> None:
+        checked_state(self.name, state, {"ctr": (0, 0xFF), "status": (0, 0xFF),
+                                         "outbuf": (-1, 0xFF), "pending": (-1, 0xFF)})
         self.ctr = state["ctr"]
         self.status = state["status"]
         self.outbuf = None if state["outbuf"] < 0 else state["outbuf"]

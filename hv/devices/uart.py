@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from typing import Callable
 
-from . import Device, IrqLine
+from . import Device, DeviceStateError, IrqLine, checked_state
 
 COM1_BASE = 0x3f8
 COM1_IRQ = 4
@@ -94,8 +94,10 @@ class Serial(Device):
         self.listeners: list[Callable[[bytes], None]] = []
         self.lock = threading.RLock()
         self._line = False
-        #: paused machine: typed bytes wait (enqueue takes none)
+        #: paused machine: typed bytes wait in _held (the terminal's side, not
+        #: device state) and reach the FIFO at unquiesce()
         self.quiesced = False
+        self._held = bytearray()
         self.reset()
 
     def reset(self) -> None:
@@ -114,8 +116,12 @@ class Serial(Device):
     def enqueue(self, data: bytes) -> int:
         """Bytes typed on the terminal; returns how many were accepted."""
         with self.lock:
-            if self.mcr & MCR_LOOP or self.quiesced:
+            if self.mcr & MCR_LOOP:
                 return 0
+            if self.quiesced:
+                taken = data[:max(RX_CAPACITY - len(self.rx) - len(self._held), 0)]
+                self._held += taken
+                return len(taken)
             room = RX_CAPACITY - len(self.rx)
             taken = data[:max(room, 0)]
             self.rx.extend(taken)
@@ -127,9 +133,9 @@ class Serial(Device):
     def rx_room(self) -> int:
         """How many bytes enqueue() would take now without an overrun."""
         with self.lock:
-            if self.mcr & MCR_LOOP or self.quiesced:
+            if self.mcr & MCR_LOOP:
                 return 0
-            return max(RX_CAPACITY - len(self.rx), 0)
+            return max(RX_CAPACITY - len(self.rx) - len(self._held), 0)
 
     def quiesce(self) -> None:
         with self.lock:
@@ -138,6 +144,9 @@ class Serial(Device):
     def unquiesce(self) -> None:
         with self.lock:
             self.quiesced = False
+            held, self._held = bytes(self._held), bytearray()
+            if held:
+                self.enqueue(held)
 
     def _emit(self, byte: int) -> None:
         data = bytes([byte])
@@ -259,6 +268,13 @@ class Serial(Device):
                     "rx": bytes(self.rx)}
 
     def restore(self, state: dict) -> None:
+        byte = (0, 0xFF)
+        state = checked_state(self.name, state, {
+            "ier": byte, "lcr": byte, "mcr": byte, "lsr": byte, "msr": byte, "scr": byte,
+            "fcr": byte, "divisor": (0, 0xFFFF), "thre_pending": (0, 1), "rx": bytes})
+        if len(state["rx"]) > RX_CAPACITY:
+            raise DeviceStateError(f"{self.name}: {len(state['rx'])} bytes waiting, more "
+                                   f"than the {RX_CAPACITY} the FIFO holds")
         with self.lock:
             self.ier, self.lcr, self.mcr = state["ier"], state["lcr"], state["mcr"]
             self.lsr, self.msr, self.scr = state["lsr"], state["msr"], state["scr"]

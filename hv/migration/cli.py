@@ -14,20 +14,49 @@ one-line error and a non-zero status; nothing runs.
 
 from __future__ import annotations
 
+import argparse
+import math
+
 from .commands import install
 from .incoming import IncomingMigration
 from .protocol import MigrationError
 
 
+def _uri(text: str) -> str:
+    """argparse type of --incoming: tcp:HOST:PORT (checked as the receiver
+    reads it) or defer."""
+    from .receiver import parse_uri
+    if text == "defer":
+        return text
+    try:
+        parse_uri(text)
+    except MigrationError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def _seconds(text: str) -> float:
+    """argparse type of a timeout: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds > 0")
+    return value
+
+
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("live migration")
-    g.add_argument("--incoming", metavar="tcp:HOST:PORT|defer",
+    g.add_argument("--incoming", metavar="tcp:HOST:PORT|defer", type=_uri,
                    help="do not boot: wait for a live migration on HOST:PORT and run the "
                         "guest it brings (start with the same --mem and devices as the "
-                        "source); defer: wait for QMP's migrate-incoming to say where")
-    g.add_argument("--incoming-timeout", metavar="SEC", type=float, default=None,
+                        "source); PORT 0 picks a free port, printed on stderr as "
+                        "'hv: incoming migration listening on tcp:HOST:PORT'; defer: wait "
+                        "for QMP's migrate-incoming to say where")
+    g.add_argument("--incoming-timeout", metavar="SEC", type=_seconds, default=None,
                    help="give up when no migration arrives within SEC seconds")
-    g.add_argument("--incoming-io-timeout", metavar="SEC", type=float, default=60.0,
+    g.add_argument("--incoming-io-timeout", metavar="SEC", type=_seconds, default=60.0,
                    help="give up when the source sends nothing for SEC seconds (default 60)")
     g.add_argument("--incoming-require-verify", action="store_true",
                    help="refuse a migration that does not carry page hashes (VERIFY)")

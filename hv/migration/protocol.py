@@ -291,7 +291,10 @@ def parse_table(command: Command, head: bytes, npages: int = 1 << 52) -> tuple[i
     return n, pattern
 
 
-def parse_ranges(command: Command, raw: bytes, npages: int) -> tuple[np.ndarray, np.ndarray]:
+def parse_ranges(command: Command, raw: bytes, npages: int,
+                 ram: list[tuple[int, int]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The (starts, counts) of a range table, every range inside npages and,
+    with ram ((first pfn, pages) regions), inside one region of RAM."""
     t = np.frombuffer(raw, dtype="<u8")
     starts = np.ascontiguousarray(t[0::2], dtype=np.uint64)
     counts = np.ascontiguousarray(t[1::2], dtype=np.uint64)
@@ -302,6 +305,16 @@ def parse_ranges(command: Command, raw: bytes, npages: int) -> tuple[np.ndarray,
                             (counts > np.uint64(npages) - np.minimum(starts, npages))))
         raise ProtocolError(f"{command.name}: range pfn {int(starts[bad])} + {int(counts[bad])} "
                             f"pages lies outside guest memory ({npages} pages)")
+    if ram is not None and len(ram) > 1:
+        firsts = np.array([f for f, _ in ram], dtype=np.uint64)
+        ends = np.array([f + n for f, n in ram], dtype=np.uint64)
+        r = np.searchsorted(firsts, starts, side="right") - 1
+        outside = (r < 0) | (starts + counts > ends[np.maximum(r, 0)])
+        if outside.any():
+            bad = int(np.argmax(outside))
+            raise ProtocolError(f"{command.name}: range pfn {int(starts[bad])} + "
+                                f"{int(counts[bad])} pages is not in guest RAM (it reaches "
+                                f"into the 32-bit hole)")
     # In bounds, so start + count cannot overflow.
     behind = np.nonzero(starts[1:] < starts[:-1] + counts[:-1])[0]
     if len(behind):
@@ -417,7 +430,7 @@ class Stream:
     def recv_header(self) -> Header:
         return parse_header(self.read(HEADER_SIZE))
 
-    def recv_body(self, h: Header, npages: int, mem=None):
+    def recv_body(self, h: Header, npages: int, mem=None, ram=None):
         """Read the payload of h. Ranges of MEMORY go into guest memory `mem`
         when given, else into msg.data. npages bounds the ranges."""
         if h.command not in RANGE_COMMANDS:
@@ -437,7 +450,7 @@ class Stream:
         if h.length < TABLE_HEAD.size + 16 * n:
             raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes is shorter "
                                 f"than its table of {n} ranges")
-        starts, counts = parse_ranges(h.command, self.read(16 * n), npages)
+        starts, counts = parse_ranges(h.command, self.read(16 * n), npages, ram)
         msg = Ranges(h.command, starts, counts, pattern)
         body = msg.body_length(self.page_size)
         if h.length != TABLE_HEAD.size + 16 * n + body:

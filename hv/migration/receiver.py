@@ -90,6 +90,9 @@ class Receiver:
                  admit: Callable[["Receiver", Hello], None] | None = None):
         self.memory = memory
         self.npages = memory.size // PAGE_SIZE
+        # ranges must lie in RAM: never in the hole between regions
+        regions = getattr(memory, "ram_pfn_regions", None)
+        self.ram = regions() if regions is not None else None
         self.restore = restore
         self.resume = resume
         self.table = SECONDARY_TRANSITIONS if secondary else TRANSITIONS
@@ -139,7 +142,8 @@ class Receiver:
         if self.prefault is not None and self.state != State.WAIT_HELLO:
             self.prefault.stop()
         msg = stream.recv_body(h, self.npages,
-                               mem=self.memory if h.command == Command.MEMORY else None)
+                               mem=self.memory if h.command == Command.MEMORY else None,
+                               ram=self.ram)
         handler = getattr(self, "_on_" + h.command.name.lower())
         handler(msg, stream)
         self.state = nxt
@@ -338,14 +342,27 @@ class Prefault:
 # ------------------------------------------------------------------- URIs
 
 def parse_uri(uri: str) -> tuple[str, int]:
-    """'tcp:HOST:PORT' -> (host, port)."""
+    """'tcp:HOST:PORT' -> (host, port); an empty HOST is every address, an
+    IPv6 address goes in brackets (tcp:[::1]:4444)."""
     if not uri.startswith("tcp:"):
         raise MigrationError(f"migration URI {uri!r}: only tcp:HOST:PORT is supported")
     host, sep, port = uri[4:].rpartition(":")
-    if not sep or not port.isdigit():
-        raise MigrationError(f"migration URI {uri!r}: expected tcp:HOST:PORT")
-    host = host.strip("[]") or "0.0.0.0"
-    return host, int(port)
+    if not sep or not (port.isascii() and port.isdigit()):
+        raise MigrationError(f"migration URI {uri!r}: expected tcp:HOST:PORT with PORT a "
+                             f"number 0..65535")
+    if int(port) > 65535:
+        raise MigrationError(f"migration URI {uri!r}: the port must be 0..65535, not {port}")
+    if host.startswith("[") != host.endswith("]") or (
+            ":" in host and not host.startswith("[")):
+        raise MigrationError(f"migration URI {uri!r}: write an IPv6 address in brackets, "
+                             f"like tcp:[::1]:{port}")
+    host = host[1:-1] if host.startswith("[") else host
+    return host or "0.0.0.0", int(port)
+
+
+def format_uri(host: str, port: int) -> str:
+    """The inverse of parse_uri."""
+    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
 
 
 def listen(uri: str) -> socket.socket:
@@ -582,6 +599,7 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
     prefaulter = Prefault(machine.memory).start() if prefault else None
     try:
         host, port = listener.getsockname()[:2]
+        log(f"incoming migration listening on {format_uri(host, port)}")
         log(f"waiting for an incoming migration on {host}:{port}")
         if on_listening:
             on_listening(host, port)
@@ -603,5 +621,5 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
     return stats
 
 
-__all__ = ["HelloRefused", "Prefault", "Receiver", "State", "TRANSITIONS", "incoming", "receive", "listen", "parse_uri",
-           "tune_socket", "VERSION"]
+__all__ = ["HelloRefused", "Prefault", "Receiver", "State", "TRANSITIONS", "incoming",
+           "receive", "listen", "parse_uri", "format_uri", "tune_socket", "VERSION"]

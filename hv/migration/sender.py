@@ -146,11 +146,11 @@ class VmmDirtyLog:
 
 
 class KvmDirtyLog(VmmDirtyLog):
-    """KVM_GET_DIRTY_LOG on slot 0, with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 when
-    offered: a sync reads the log, then re-protects exactly those pages with
-    KVM_CLEAR_DIRTY_LOG before they are sent."""
+    """KVM_GET_DIRTY_LOG on every RAM slot, with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+    when offered: a sync reads the log, then re-protects exactly those pages
+    with KVM_CLEAR_DIRTY_LOG before they are sent. Each slot's log lands in
+    the guest-physical bitmap at the slot's first page."""
 
-    SLOT = 0
     kind = "bitmap"
 
     def __init__(self, machine):
@@ -180,11 +180,19 @@ class KvmDirtyLog(VmmDirtyLog):
         self._set_logging(True)
         super().start()
 
+    def _slots(self) -> list[tuple[int, int, int]]:
+        """(slot, first pfn, pages) of guest RAM."""
+        return [(slot, gpa // PAGE_SIZE, size // PAGE_SIZE)
+                for slot, gpa, size in self.machine.memory_slots()]
+
     def sync(self, parked: bool = False) -> np.ndarray:
-        kvm = self.vm.get_dirty_log(self.SLOT, self.npages)
-        bm = pages.as_bitmap(kvm, self.npages)
-        if self.manual and pages.count(bm):
-            self.vm.clear_dirty_log(self.SLOT, 0, self.npages, bm)
+        bm = pages.empty_bitmap(self.npages)
+        for slot, first, n in self._slots():
+            kvm = pages.as_bitmap(self.vm.get_dirty_log(slot, n), n)
+            if self.manual and pages.count(kvm):
+                self.vm.clear_dirty_log(slot, 0, n, kvm)
+            # slots start on a multiple of 64 pages: whole words
+            bm[first // 64:first // 64 + len(kvm)] |= kvm
         pages.or_into(bm, super().sync())
         return bm
 
@@ -218,6 +226,7 @@ class RingDirtyLog(KvmDirtyLog):
                                  " KVM_CAP_DIRTY_LOG_RING is enabled before the vCPUs exist)")
         self._pending = np.zeros(self.npages, dtype=bool)
         self._plock = threading.Lock()
+        self._slot_list = self._slots()
         self._overflowed = False
         self._stop_harvester = threading.Event()
         self._harvester: threading.Thread | None = None
@@ -234,9 +243,10 @@ class RingDirtyLog(KvmDirtyLog):
         self._harvester.start()
 
     def _take(self, slots: np.ndarray, offsets: np.ndarray) -> None:
-        offs = offsets[(slots == self.SLOT) & (offsets < self.npages)]
-        self._pending[offs.astype(np.int64)] = True
-        self.stats["harvested"] += len(offs)
+        for slot, first, n in self._slot_list:
+            offs = offsets[(slots == slot) & (offsets < n)]
+            self._pending[first + offs.astype(np.int64)] = True
+            self.stats["harvested"] += len(offs)
 
     def _harvest_parked(self, vcpu) -> None:
         slots, offsets, overflowed = vcpu.harvest_parked_dirty_ring()
@@ -274,7 +284,7 @@ class RingDirtyLog(KvmDirtyLog):
             bits, self._pending = self._pending, np.zeros(self.npages, dtype=bool)
             overflowed, self._overflowed = self._overflowed, False
         if overflowed:
-            return pages.full_bitmap(self.npages)
+            return self.memory.ram_bitmap()
         bm = pages.as_bitmap(pack_bitmap(bits), self.npages)
         pages.or_into(bm, VmmDirtyLog.sync(self))
         return bm
@@ -745,7 +755,7 @@ class Migration:
         p = self.p
         free = self._free_bitmap()
         self.s.setup_ms = round((time.monotonic() - self._t0) * 1000, 3)
-        full = pages.full_bitmap(self.npages)
+        full = self.memory.ram_bitmap()
         skipped_free = pages.empty_bitmap(self.npages)
         poison = self._poison()
         rnd = self._new_round(0)
@@ -907,7 +917,7 @@ class Migration:
             # Every page except free pages skipped and never written since,
             # from the hashes kept as pages were sent.
             unsent_free, _ = pages.andnot(skipped_free, ever_dirty)
-            check, _ = pages.andnot(pages.full_bitmap(self.npages), unsent_free)
+            check, _ = pages.andnot(self.memory.ram_bitmap(), unsent_free)
             s, c = pages.all_runs(check, self.npages)
             hashes = self._hashes[pages.range_pfns(s, c)]
             self.verify_hashes = (s, c, hashes)

@@ -39,7 +39,9 @@ import time
 import numpy as np
 
 from ... import params
-from ...memory import PAGE_SHIFT, PAGE_SIZE, GuestMemory, pack_bitmap, unpack_bitmap
+from ...memory import (PAGE_SHIFT, PAGE_SIZE, GuestMemory, bitmap_words, pack_bitmap,
+                       unpack_bitmap)
+from .. import DeviceStateError, checked_state
 from .balloon_defs import (
     BITMAP_F_ABORTED, BITMAP_F_LAST, BITMAP_HDR, CFG_ACTUAL, CFG_FREE_PAGE_BITMAP_CMD_ID,
     CFG_FREE_PAGE_HINT_CMD_ID, CFG_NUM_PAGES, CFG_POISON_VAL, CMD_ID_DONE, CMD_ID_STOP,
@@ -605,6 +607,26 @@ class Balloon(VirtioDevice):
             }
 
     def restore(self, state: dict) -> None:
+        pages, u32, u64 = (0, self.npages), (0, 0xFFFFFFFF), (0, (1 << 64) - 1)
+        bitmap_bytes = bitmap_words(self.npages) * 8
+        fields = {"num_pages": pages, "actual": u32, "poison_val": u32, "inflated": bytes,
+                  "hint_status": frozenset((HINT_STOP, HINT_REQUESTED, HINT_START, HINT_DONE)),
+                  "hint_cmd_id": u32, "hint_seq": u32, "hinted": bytes,
+                  "bitmap_cmd_id": u32, "bitmap_seq": u32, "reported_bytes": u64}
+        checked_state(self.name, {k: state.get(k) for k in fields} if isinstance(state, dict)
+                      else state, fields)
+        for key in ("inflated", "hinted"):
+            if len(state[key]) != bitmap_bytes:
+                raise DeviceStateError(f"{self.name}: saved {key} bitmap of {len(state[key])} "
+                                       f"bytes, expected {bitmap_bytes}")
+        for key in ("stats", "counters"):
+            if not isinstance(state.get(key), dict) or not all(
+                    isinstance(k, str) and isinstance(v, int) for k, v in state[key].items()):
+                raise DeviceStateError(f"{self.name}: saved {key} is not a table of counts")
+        head = state.get("stats_head")
+        if head is not None and not (isinstance(head, int) and 0 <= head < 0x10000):
+            raise DeviceStateError(f"{self.name}: saved stats_head {head!r} is not a "
+                                   f"descriptor index")
         with self.lock:
             def bits(raw):
                 return unpack_bitmap(np.frombuffer(raw, dtype="<u8"), self.npages).copy()

@@ -30,7 +30,7 @@ import threading
 
 from ...errors import GuestMemoryError
 from ...memory import GuestMemory
-from .. import Device, IrqLine
+from .. import Device, DeviceStateError, IrqLine, checked_state
 from .device import VIRTIO_F_VERSION_1, VirtioDevice
 from .queue import MAX_QUEUE_SIZE, Virtqueue, VirtioError
 
@@ -368,15 +368,42 @@ class VirtioMmioTransport(Device):
             }
 
     def restore(self, state: dict) -> None:
+        """Take saved state (from the wire), every field checked first."""
+        u32 = (0, 0xFFFFFFFF)
+        fields = {"status": u32, "device_features_sel": u32, "driver_features_sel": u32,
+                  "driver_features": (0, (1 << 64) - 1), "queue_sel": u32,
+                  "interrupt_status": (0, INT_VRING | INT_CONFIG), "config_generation": u32}
+        checked_state(self.name, {k: state.get(k) for k in fields} if isinstance(state, dict)
+                      else state, fields)
+        reason = state.get("needs_reset_reason")
+        if reason is not None and not isinstance(reason, str):
+            raise DeviceStateError(f"{self.name}: saved needs_reset_reason is not a string")
+        if state["status"] & STATUS_FEATURES_OK and \
+                state["driver_features"] & ~self.device.features():
+            raise DeviceStateError(f"{self.name}: saved driver features "
+                                   f"{state['driver_features']:#x} include some this device "
+                                   f"does not offer ({self.device.features():#x})")
+        if not isinstance(state.get("queues"), list):
+            raise DeviceStateError(f"{self.name}: saved queues are not a list")
         with self.lock:
             self._reset_state()
-            for k in ("status", "device_features_sel", "driver_features_sel",
-                      "driver_features", "queue_sel", "interrupt_status",
-                      "config_generation", "needs_reset_reason"):
+            for k in fields:
                 setattr(self, k, state[k])
+            self.needs_reset_reason = reason
             queues = self._queue_list()
-            for q, qs in zip(queues, state["queues"]):
-                q.restore(qs)
+            # Before DRIVER_OK the queue set follows the features the driver
+            # is still writing, and is made anew on the next access.
+            if self.status & STATUS_DRIVER_OK and state["queues"] and \
+                    len(state["queues"]) != len(queues):
+                self._reset_state()
+                raise DeviceStateError(f"{self.name}: {len(state['queues'])} saved queues, "
+                                       f"the device has {len(queues)} for its features")
+            try:
+                for q, qs in zip(queues, state["queues"]):
+                    q.restore(qs)
+            except VirtioError as e:
+                self._reset_state()
+                raise DeviceStateError(f"{self.name}: {e}") from None
             if self.status & STATUS_DRIVER_OK and not self.broken:
                 self.device.activate(self.driver_features, queues)
             self.device.restore(state["device"])

@@ -258,5 +258,23 @@ class Virtqueue:
                 "event_idx": self.event_idx, "indirect": self.indirect}
 
     def restore(self, state: dict) -> None:
+        """Take saved state (from the wire): every field checked, and the
+        rings of a ready queue inside guest RAM (VirtioError otherwise, the
+        queue then reset)."""
+        from .. import DeviceStateError, checked_state
+        u16, u64 = (0, 0xFFFF), (0, (1 << 64) - 1)
+        try:
+            state = checked_state(f"queue {self.index}", state, {
+                "size": (0, 0xFFFFFFFF), "ready": bool, "desc": u64, "avail": u64,
+                "used": u64, "last_avail_idx": u16, "used_idx": u16, "signalled_used": u16,
+                "signalled_valid": bool, "event_idx": bool, "indirect": bool})
+        except DeviceStateError as e:
+            raise VirtioError(str(e)) from None
         for k, v in state.items():
             setattr(self, k, v)
+        if self.ready:
+            try:
+                self.validate()
+            except VirtioError:
+                self.reset()
+                raise
