@@ -264,6 +264,10 @@ class Client:
         self.closed = threading.Event()
         self.out: queue.Queue = queue.Queue(CLIENT_QUEUE)
         self.writer_thread: threading.Thread | None = None
+        #: clear while a command runs: its reply must go out before finish()
+        #: closes (quit ends the process right after its handler returns)
+        self.idle = threading.Event()
+        self.idle.set()
         conn.settimeout(SEND_TIMEOUT_S)
 
     def send(self, msg: dict) -> bool:
@@ -303,8 +307,12 @@ class Client:
                 for kind, item in stream.feed(data):
                     if kind == "error":
                         self.send(error(item))
-                    else:
+                        continue
+                    self.idle.clear()
+                    try:
                         self.send(self.server.dispatch(self, item))
+                    finally:
+                        self.idle.set()
         except OSError:
             pass
         finally:
@@ -313,6 +321,7 @@ class Client:
     def finish(self, timeout: float = 1.0) -> None:
         """Close after sending what is queued (the last events), waiting at
         most timeout s for a slow reader."""
+        self.idle.wait(timeout)
         try:
             self.out.put_nowait(None)
         except queue.Full:

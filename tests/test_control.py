@@ -320,3 +320,20 @@ def test_json_stream_scanner_units():
     out = s.feed(b'{"a": "' + b"z" * 100 + b'"}{"b": 1}')
     assert out[0][0] == "error" and "larger than 64" in out[0][1]
     assert out[1] == ("value", b'{"b": 1}')
+
+
+def test_the_reply_to_quit_arrives_before_the_server_closes(tmp_path):
+    """quit ends the process as soon as its handler returns; its reply must
+    still be sent (QEMU: the reply, then SHUTDOWN, then the socket closes)."""
+    path = str(tmp_path / "quit.sock")
+    holder = {}
+
+    def quit_(args):
+        threading.Thread(target=holder["srv"].close).start()
+        time.sleep(0.3)             # the server is closing while this runs
+        return {}
+    holder["srv"] = qmp.QmpServer(path, {"quit": qmp.Command(quit_)})
+    r = Raw(path)
+    r.send(b'{"execute": "quit", "id": 1}')
+    assert r.read() == {"return": {}, "id": 1}
+    r.close()
