@@ -117,11 +117,11 @@ QEMU = "qemu-system-x86_64"
 POWEROFF_PORT = 0xf4
 
 
-def qemu_argv(mem_mib=64, append="", kernel=None, initrd=None, qemu=QEMU):
+def qemu_argv(mem_mib=64, append="", kernel=None, initrd=None, qemu=QEMU, cpus=1):
     """QEMU 7.2 microvm command line that boots the guest the way hv does:
     PVH entry, no ACPI (MP table), serial console on stdio, power-off
     through isa-debug-exit at POWEROFF_PORT (QEMU then exits with status
-    1)."""
+    1); cpus vCPUs."""
     if kernel is None or initrd is None:
         kernel, initrd = paths()
     cmdline = " ".join(x for x in (BASE_CMDLINE, "hv_poweroff=0x%x"
@@ -130,7 +130,7 @@ def qemu_argv(mem_mib=64, append="", kernel=None, initrd=None, qemu=QEMU):
             "-M", "microvm,acpi=off,x-option-roms=off,rtc=off",
             "-accel", "kvm",
             "-cpu", "qemu64,-cx16,vendor=GenuineIntel",
-            "-m", str(mem_mib),
+            "-m", str(mem_mib), "-smp", str(cpus),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-serial", "stdio",
             "-device", "isa-debug-exit,iobase=0x%x,iosize=4" % POWEROFF_PORT,

@@ -33,25 +33,9 @@ from hv.migration.sender import Migration, MigrationParams
 from hv.migration.protocol import MigrationError
 
 from loopback import migrate_over_loopback
-from test_migration_kvm import MEM_MIB, counter, make_machine, writer_guest
+from test_migration_kvm import MEM_MIB, counter, machines  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.kvm
-
-
-@pytest.fixture
-def machines():
-    made = []
-
-    def make(kind="src", **kw):
-        m = writer_guest(**kw) if kind == "src" else make_machine(**kw)
-        made.append(m)
-        return m
-    yield make
-    for m in made:
-        try:
-            m.close()
-        except Exception:
-            pass
 
 
 def runs(m, seconds=0.3) -> bool:

@@ -426,7 +426,8 @@ class Migration:
             raise MigrationError("too late to cancel: the source has sent everything and "
                                  "the destination is resuming the guest")
         self._cancel.set()
-        self._emit_status("cancelling")
+        if not self._done.is_set():
+            self._set_status("cancelling")
 
         def force():
             if not self._done.wait(2.0):
@@ -465,10 +466,6 @@ class Migration:
             self.s.status = status
         if changed:
             self._emit("MIGRATION", {"status": status})
-
-    def _emit_status(self, status: str) -> None:
-        """A status only reported (cancelling): the next real one replaces it."""
-        self._emit("MIGRATION", {"status": status})
 
     def _sync(self, parked: bool = False) -> np.ndarray:
         bm = self.log.sync(parked)
