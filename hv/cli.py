@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run CMD in the guest with sh -c, print its output, exit with "
                         "its status")
     r.add_argument("--control", metavar="PATH",
-                   help="serve the JSON control protocol on this UNIX socket")
+                   help="serve QMP (QEMU's machine protocol: qmp-shell, qemu.qmp) on this "
+                        "UNIX socket")
     r.add_argument("--verbose", "-v", action="store_true",
                    help="report the boot time and the vCPU exit counts")
     for ext in _extensions:
@@ -251,7 +252,7 @@ class ConsoleWatch:
 
 def run(args) -> int:
     from .machine import Machine, MachineConfig
-    from .control import ControlServer
+    from .qmp_commands import serve
 
     kernel, initrd = _default_images(args)
     append = args.append
@@ -265,7 +266,7 @@ def run(args) -> int:
                               dirty_ring_bytes=args.dirty_ring))
     watch = ConsoleWatch()
     m.console_listeners.append(watch)
-    server = ControlServer(args.control, m.commands) if args.control else None
+    server = serve(args.control, m) if args.control else None
     term = None
     old_term = signal.signal(signal.SIGTERM, lambda *a: m.request_shutdown("terminated"))
     try:
@@ -275,7 +276,8 @@ def run(args) -> int:
                 prepared = True
         if not prepared:
             m.boot()
-        if not m.started and m.status != "shutdown":
+        # a deferred incoming migration (--incoming defer) starts the guest itself
+        if not m.started and m.status not in ("shutdown", "inmigrate"):
             m.start()
         if args.exec_cmd is None:
             term = Terminal(m)

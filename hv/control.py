@@ -1,221 +1,128 @@
-"""The control socket: JSON lines over a UNIX socket, QMP style.
+"""The QMP client hv's scripts and tests use, for hv and QEMU alike: a small
+synchronous face over QEMU's own library (qemu.qmp's QEMUMonitorProtocol,
+which negotiates capabilities and matches replies to requests by id).
 
-    server -> {"hv": {"version": "0.1.0", "commands": [...]}}          greeting
-    client -> {"execute": "query-status", "arguments": {}, "id": 1}
-    server -> {"return": {"status": "running", "running": true}, "id": 1}
-    client -> {"execute": "nope"}
-    server -> {"error": {"class": "CommandNotFound",
-                         "desc": "The command nope has not been found"}}
+    with ControlClient("/tmp/hv.sock") as c:
+        c.execute("migrate-set-parameters", **{"downtime-limit": 300})
+        c.execute("migrate", uri="tcp:10.0.0.2:4444")
+        c.wait_event("MIGRATION", lambda d: d["status"] == "completed", timeout=60)
 
-Commands come from a registry ({name: handler(arguments) -> return value},
-normally Machine.commands), looked up at each request so commands registered
-later (devices, migration) are served too. Each client has its own thread;
-any number of clients may be connected.
+execute() returns the command's "return" value or raises ControlError with
+the QMP error class and description. The server side is hv.qmp.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import socket
-import threading
+import asyncio
+import time
 from typing import Callable
 
-from . import __version__
 from .errors import HvError
-
-log = logging.getLogger("hv.control")
-
-CLASS_GENERIC = "GenericError"
-CLASS_NOT_FOUND = "CommandNotFound"
-MAX_LINE = 1 << 20
 
 
 class ControlError(HvError):
-    """A command failed; class_ is the QMP error class."""
+    """A QMP command failed; class_ is the QMP error class."""
 
-    def __init__(self, desc: str, class_: str = CLASS_GENERIC):
+    def __init__(self, desc: str, class_: str = "GenericError"):
         super().__init__(desc)
         self.class_ = class_
         self.desc = desc
 
 
-def _json_default(o):
-    if isinstance(o, (bytes, bytearray)):
-        return o.hex()
-    if isinstance(o, (set, tuple)):
-        return list(o)
-    if hasattr(o, "item"):       # numpy scalars
-        return o.item()
-    return str(o)
-
-
-def dumps(obj) -> bytes:
-    return json.dumps(obj, default=_json_default, separators=(",", ":")).encode() + b"\n"
-
-
-def handle_request(commands: dict[str, Callable[[dict], object]], line: bytes) -> dict:
-    """One request line -> the response object."""
+def _qmp():
     try:
-        req = json.loads(line)
-    except (ValueError, UnicodeDecodeError) as e:
-        return {"error": {"class": CLASS_GENERIC, "desc": f"invalid JSON: {e}"}}
-    if not isinstance(req, dict) or not isinstance(req.get("execute"), str):
-        return {"error": {"class": CLASS_GENERIC,
-                          "desc": "expected an object with an 'execute' string"}}
-    resp: dict = {}
-    if "id" in req:
-        resp["id"] = req["id"]
-    name = req["execute"]
-    args = req.get("arguments") or {}
-    if not isinstance(args, dict):
-        resp["error"] = {"class": CLASS_GENERIC, "desc": "'arguments' must be an object"}
-        return resp
-    handler = commands.get(name)
-    if handler is None:
-        resp["error"] = {"class": CLASS_NOT_FOUND,
-                         "desc": f"The command {name} has not been found"}
-        return resp
-    try:
-        result = handler(args)
-        resp["return"] = {} if result is None else result
-    except ControlError as e:
-        resp["error"] = {"class": e.class_, "desc": e.desc}
-    except (HvError, ValueError, KeyError, TypeError, OSError) as e:
-        resp["error"] = {"class": CLASS_GENERIC, "desc": f"{name}: {e}"}
-    except Exception as e:
-        log.exception("control command %s failed", name)
-        resp["error"] = {"class": CLASS_GENERIC, "desc": f"{name}: internal error: {e!r}"}
-    return resp
-
-
-class ControlServer:
-    """Serves a command registry on a UNIX socket until close()."""
-
-    def __init__(self, path: str, commands: dict[str, Callable[[dict], object]]):
-        self.path = path
-        self.commands = commands
-        if os.path.exists(path):
-            try:
-                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                probe.connect(path)
-                probe.close()
-                raise HvError(f"control socket {path!r} is in use by another process")
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.bind(path)
-        except OSError as e:
-            raise HvError(f"cannot create control socket {path!r}: {e.strerror}") from None
-        self.sock.listen(8)
-        self._clients: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._thread = threading.Thread(target=self._accept_loop, name="hv-control",
-                                        daemon=True)
-        self._thread.start()
-
-    def greeting(self) -> dict:
-        return {"hv": {"version": __version__, "commands": sorted(self.commands)}}
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._clients.add(conn)
-            threading.Thread(target=self._serve, args=(conn,), name="hv-control-client",
-                             daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        try:
-            conn.sendall(dumps(self.greeting()))
-            f = conn.makefile("rb")
-            while True:
-                line = f.readline(MAX_LINE)
-                if not line:
-                    break
-                if not line.strip():
-                    continue
-                conn.sendall(dumps(handle_request(self.commands, line)))
-        except OSError:
-            pass
-        finally:
-            with self._lock:
-                self._clients.discard(conn)
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self._closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        with self._lock:
-            for c in list(self._clients):
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        from qemu.qmp.legacy import QEMUMonitorProtocol
+    except ImportError as e:
+        raise HvError("the QMP client needs QEMU's Python library: pip install qemu.qmp") \
+            from e
+    return QEMUMonitorProtocol
 
 
 class ControlClient:
-    """A blocking client: c = ControlClient(path); c.execute("query-status")."""
+    """A connected, negotiated QMP client on a UNIX socket."""
 
     def __init__(self, path: str, timeout: float | None = 30.0):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        self.sock.connect(path)
-        self._f = self.sock.makefile("rb")
-        self.greeting = self._read()
-        self._id = 0
-
-    def _read(self) -> dict:
-        line = self._f.readline(MAX_LINE)
-        if not line:
-            raise ConnectionError("control socket closed")
-        return json.loads(line)
+        from qemu.qmp import QMPError
+        self.path = path
+        self._qmp = _qmp()(path)
+        try:
+            self.greeting = self._qmp.connect(negotiate=True)
+        except (QMPError, OSError) as e:
+            self._close_quietly()
+            raise ConnectionError(f"QMP connection to {path} failed: {e}") from None
+        self._qmp.settimeout(timeout)
+        self._events: list[dict] = []
 
     def request(self, name: str, arguments: dict | None = None) -> dict:
-        """Send one command; returns the raw response object."""
-        self._id += 1
-        req = {"execute": name, "id": self._id}
-        if arguments:
-            req["arguments"] = arguments
-        self.sock.sendall(dumps(req))
-        return self._read()
+        """Send one command; returns the raw response (return or error)."""
+        return self._run(lambda: self._qmp.cmd_raw(name, arguments or None))
 
     def execute(self, name: str, arguments: dict | None = None, **kw):
         """Send one command; returns its "return" value or raises ControlError."""
         resp = self.request(name, {**(arguments or {}), **kw})
         if "error" in resp:
-            raise ControlError(resp["error"]["desc"], resp["error"]["class"])
+            raise ControlError(resp["error"].get("desc", ""),
+                               resp["error"].get("class", "GenericError"))
         return resp.get("return")
 
+    def _run(self, fn):
+        from qemu.qmp import QMPError
+        try:
+            return fn()
+        except (asyncio.TimeoutError, TimeoutError):
+            raise TimeoutError(f"QMP {self.path}: no reply") from None
+        except (QMPError, EOFError) as e:
+            raise ConnectionError(f"QMP {self.path}: {e}") from None
+
+    # -- events ---------------------------------------------------------------------
+    def events(self, wait: float = 0.0) -> list[dict]:
+        """Every event received so far (waiting up to wait s for one)."""
+        got = self._run(lambda: self._qmp.get_events(wait=float(wait) if wait else False))
+        return [dict(e) for e in got]
+
+    def wait_event(self, name: str, match: Callable[[dict], bool] | None = None,
+                   timeout: float = 30.0) -> dict:
+        """The next event called name whose data match() accepts; the events
+        before it are consumed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i, ev in enumerate(self._events):
+                if ev["event"] == name and (match is None or match(ev.get("data", {}))):
+                    del self._events[:i + 1]
+                    return ev
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {name} event within {timeout:g} s; saw "
+                                   f"{[e['event'] for e in self._events]}")
+            try:
+                self._events += self.events(min(left, 1.0))
+            except TimeoutError:
+                pass
+
+    # -- teardown ---------------------------------------------------------------------
+    def _close_quietly(self) -> None:
+        try:
+            self._qmp.close()
+        except Exception:
+            pass
+
     def close(self) -> None:
-        self._f.close()
-        self.sock.close()
+        self._close_quietly()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+def connect(path: str, timeout: float = 60.0) -> ControlClient:
+    """A client of the QMP socket at path, retrying while it does not exist yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ControlClient(path)
+        except (OSError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)

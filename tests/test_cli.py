@@ -110,14 +110,19 @@ def test_control_socket_commands(tmp_path):
                 assert status == "prelaunch" and time.monotonic() < deadline
                 time.sleep(0.05)
             c.execute("stop")
-            assert c.execute("query-status") == {"status": "paused", "running": False}
+            assert c.execute("query-status") == {"running": False, "status": "paused"}
+            assert c.wait_event("STOP", timeout=10)
             c.execute("cont")
+            assert c.wait_event("RESUME", timeout=10)
             assert c.execute("query-status")["status"] == "running"
             time.sleep(1)                      # let the guest finish printing
             resp = c.request("bogus-command")
             assert resp["error"]["class"] == "CommandNotFound"
             assert "bogus-command" in resp["error"]["desc"]
             c.execute("quit")
+            # QEMU's order: the reply, then SHUTDOWN, then the socket closes
+            ev = c.wait_event("SHUTDOWN", timeout=20)
+            assert ev["data"] == {"guest": False, "reason": "host-qmp-quit"}
         assert p.wait(20) == 0
     finally:
         if p.poll() is None:
@@ -186,7 +191,10 @@ def test_harness_types_through_console_input(tmp_path):
     from hv.migration import harness as H
     typed = []
     path = str(tmp_path / "ctl.sock")
-    srv = control.ControlServer(path, {"console-input": lambda a: typed.append(a["data"])})
+    from hv import qmp
+    from hv.qmp_commands import PREFIX
+    srv = qmp.QmpServer(path, {PREFIX + "console-input": qmp.Command(
+        lambda a: typed.append(a["data"]), {"data": "str"})})
     echo = [sys.executable, "-c",
             "import sys; print('got', sys.stdin.readline().strip(), flush=True)"]
     g = H.Guest("ctl", None, echo, str(tmp_path), control_path=path)
@@ -224,9 +232,11 @@ def test_dirty_ring_sizes_are_checked():
 
 @pytest.mark.kvm
 def test_run_guest_migrates_with_the_dirty_ring(tmp_path):
-    """run-guest --dirty-ring lets migrate use {"dirty_log": "ring"}."""
+    """run-guest --dirty-ring lets migrate use the dirty ring
+    (__io.github.hv_dirty-log "ring")."""
     import socket
     from hv.migration import harness as H
+    from hv.qmp_commands import PREFIX
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -239,22 +249,17 @@ def test_run_guest_migrates_with_the_dirty_ring(tmp_path):
     try:
         src.wait_for("idle", 30)
         dst.wait_for("waiting for an incoming migration", 30)
-        with H.control(dsock, 10) as d:       # no --dirty-ring there: refused
-            with pytest.raises(control.ControlError, match="dirty ring"):
-                d.execute("migrate", uri="tcp:127.0.0.1:1", dirty_log="ring")
-        q = {}
+        ring = {PREFIX + "dirty-log": "ring", PREFIX + "free-pages": "off"}
+        with H.control(dsock, 10) as d:       # a destination does not migrate away
+            with pytest.raises(control.ControlError, match="waiting for an incoming"):
+                d.execute("migrate", uri="tcp:127.0.0.1:1")
         with H.control(ssock, 30) as c:
-            c.execute("migrate", uri=f"tcp:127.0.0.1:{port}", dirty_log="ring",
-                      free_pages="off")
-            deadline = time.monotonic() + 60
-            try:
-                while (q := c.execute("query-migrate"))["status"] not in (
-                        "completed", "failed", "cancelled"):
-                    assert time.monotonic() < deadline, q
-                    time.sleep(0.05)
-            except ConnectionError:     # the source ends as soon as it is done
-                pass
-        assert q.get("status", "completed") == "completed", q
+            q = H.qmp_migrate(c, f"tcp:127.0.0.1:{port}", ring, timeout=60)
+            assert q["status"] == "completed", q
+            assert q[PREFIX + "dirty-log"] == "ring"
+            # QEMU's source stays in postmigrate until quit
+            assert c.execute("query-status") == {"running": False, "status": "postmigrate"}
+            c.execute("quit")
         assert src.proc.wait(30) == 0, src.tail()
         with H.control(dsock, 10) as d:
             assert d.execute("query-status")["status"] == "running"

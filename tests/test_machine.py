@@ -10,6 +10,7 @@ import pytest
 
 from conftest import Console
 from hv import control
+from hv.qmp_commands import PREFIX, serve
 from hv import kvm as K
 from hv.machine import Machine, MachineConfig, MachineError
 from hv.params import ParameterError
@@ -226,7 +227,7 @@ def test_linux_pause_resume(linux_guest):
 @linux
 def test_linux_control_socket(linux_guest, tmp_path):
     path = str(tmp_path / "hv.sock")
-    with control.ControlServer(path, linux_guest.commands), control.ControlClient(path) as c:
+    with serve(path, linux_guest), control.ControlClient(path) as c:
         assert c.execute("query-status") == {"status": "running", "running": True}
         assert c.execute("stop") == {}
         assert c.execute("query-status")["status"] == "paused"
@@ -241,11 +242,12 @@ def test_linux_control_socket(linux_guest, tmp_path):
 def test_linux_console_input_command(linux_guest, tmp_path):
     path = str(tmp_path / "hv.sock")
     mark = linux_guest.console.mark()
-    with control.ControlServer(path, linux_guest.commands), control.ControlClient(path) as c:
-        assert c.execute("console-input", data="echo typed-$((3*4))\n") == {"bytes": 20}
+    with serve(path, linux_guest), control.ControlClient(path) as c:
+        assert c.execute(PREFIX + "console-input",
+                         data="echo typed-$((3*4))\n") == {"bytes": 20}
         linux_guest.console.wait_for("typed-12", 60, mark)
-        with pytest.raises(control.ControlError, match="data"):
-            c.execute("console-input")
+        with pytest.raises(control.ControlError, match="'data' is missing"):
+            c.execute(PREFIX + "console-input")
 
 
 @linux

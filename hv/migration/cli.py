@@ -1,13 +1,15 @@
 """run-guest's live-migration options (a hv.cli extension).
 
-    run-guest --mem 256 --balloon --control /tmp/src.sock      source; then
+    run-guest --mem 256 --balloon --control /tmp/src.sock      source; then QMP
         {"execute": "migrate", "arguments": {"uri": "tcp:HOST:PORT"}}
     run-guest --mem 256 --balloon --incoming tcp:0.0.0.0:4444  destination
+    run-guest --mem 256 --balloon --incoming defer --control /tmp/dst.sock
+        destination waiting for QMP's migrate-incoming {"uri": "tcp:0.0.0.0:4444"}
 
-Every machine gets the migrate / query-migrate / migrate-cancel commands.
-With --incoming the machine is not booted: it waits for a migration, restores
-the guest it receives and runs it. A malformed stream or a dropped connection
-ends run-guest with a one-line error and a non-zero status; nothing runs.
+Every machine gets the migration commands. With --incoming the machine is
+not booted: it waits for a migration, restores the guest it receives and
+runs it. A malformed stream or a dropped connection ends run-guest with a
+one-line error and a non-zero status; nothing runs.
 """
 
 from __future__ import annotations
@@ -16,12 +18,16 @@ import argparse
 import math
 
 from .commands import install
+from .incoming import IncomingMigration
 from .protocol import MigrationError
 
 
 def _uri(text: str) -> str:
-    """argparse type of --incoming: tcp:HOST:PORT, checked as the receiver reads it."""
+    """argparse type of --incoming: tcp:HOST:PORT (checked as the receiver
+    reads it) or defer."""
     from .receiver import parse_uri
+    if text == "defer":
+        return text
     try:
         parse_uri(text)
     except MigrationError as e:
@@ -42,11 +48,12 @@ def _seconds(text: str) -> float:
 
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("live migration")
-    g.add_argument("--incoming", metavar="tcp:HOST:PORT", type=_uri,
+    g.add_argument("--incoming", metavar="tcp:HOST:PORT|defer", type=_uri,
                    help="do not boot: wait for a live migration on HOST:PORT and run the "
                         "guest it brings (start with the same --mem and devices as the "
                         "source); PORT 0 picks a free port, printed on stderr as "
-                        "'hv: incoming migration listening on tcp:HOST:PORT'")
+                        "'hv: incoming migration listening on tcp:HOST:PORT'; defer: wait "
+                        "for QMP's migrate-incoming to say where")
     g.add_argument("--incoming-timeout", metavar="SEC", type=_seconds, default=None,
                    help="give up when no migration arrives within SEC seconds")
     g.add_argument("--incoming-io-timeout", metavar="SEC", type=_seconds, default=60.0,
@@ -60,15 +67,22 @@ def add_arguments(parser) -> None:
 
 
 def setup(args, machine) -> bool:
-    install(machine)
+    if getattr(machine, "migration_commands", None) is None:
+        install(machine)
     uri = getattr(args, "incoming", None)
     if not uri:
         return False
-    from .receiver import incoming
-    incoming(machine, uri, timeout=args.incoming_io_timeout,
-             accept_timeout=args.incoming_timeout,
-             require_verify=args.incoming_require_verify,
-             prefault=args.incoming_prefault == "on")
+    inc = IncomingMigration.of(machine)
+    inc.configure(timeout=args.incoming_io_timeout, accept_timeout=args.incoming_timeout,
+                  require_verify=args.incoming_require_verify,
+                  prefault=args.incoming_prefault == "on")
+    if uri == "defer":
+        if not getattr(args, "control", None):
+            raise MigrationError("--incoming defer needs --control: migrate-incoming "
+                                 "arrives there")
+        inc.defer()
+    else:
+        inc.run(uri)
     return True
 
 

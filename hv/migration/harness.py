@@ -1,7 +1,8 @@
-"""Helpers for scripts that drive run-guest processes (migrate-between-hosts,
-bench-migration): a guest process with its console collected and typed into
-(console-input on its control socket, or its stdin), the control client with
-retries, the guest workload command, verify_ok(line) for hvmem's check."""
+"""Helpers for scripts that drive run-guest (and QEMU) processes
+(migrate-between-hosts, bench-migration): a guest process with its console
+collected and typed into (hv's console-input over QMP, or its stdin), the
+QMP client with retries, one QMP migration driven the way QEMU is driven,
+the guest workload command, verify_ok(line) for hvmem's check."""
 
 from __future__ import annotations
 
@@ -114,8 +115,9 @@ class Guest:
 
     def type(self, text: str) -> None:
         if self.control_path is not None:
+            from ..qmp_commands import PREFIX
             with control(self.control_path, 10) as c:
-                c.execute("console-input", data=text)
+                c.execute(PREFIX + "console-input", data=text)
             return
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
@@ -141,12 +143,35 @@ def verify_ok(line: str) -> bool:
 
 
 def control(path: str, timeout: float = 60.0):
-    from ..control import ControlClient
+    """A QMP client (hv.control.ControlClient) of hv or QEMU at path,
+    retrying for timeout s while the socket is not there yet."""
+    from ..control import connect
+    return connect(path, timeout)
+
+
+FINAL_STATUSES = ("completed", "failed", "cancelled")
+
+
+def qmp_migrate(c, uri: str, parameters: dict | None = None, capabilities: dict | None = None,
+                timeout: float = 300.0, poll_s: float = 0.05) -> dict:
+    """Migrate with QEMU's commands only (the same for hv and QEMU):
+    migrate-set-capabilities, migrate-set-parameters, migrate, then
+    query-migrate until the migration ends (migrate_cancel after timeout s,
+    status "timeout"). Returns the last MigrationInfo."""
+    if capabilities:
+        c.execute("migrate-set-capabilities", capabilities=[
+            {"capability": k, "state": v} for k, v in capabilities.items()])
+    if parameters:
+        c.execute("migrate-set-parameters", parameters)
+    c.execute("migrate", uri=uri)
     deadline = time.monotonic() + timeout
     while True:
-        try:
-            return ControlClient(path, timeout=30)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+        q = c.execute("query-migrate")
+        if q.get("status") in FINAL_STATUSES:
+            return q
+        if time.monotonic() > deadline:
+            c.execute("migrate_cancel")
+            q = c.execute("query-migrate")
+            q["status"] = "timeout"
+            return q
+        time.sleep(poll_s)

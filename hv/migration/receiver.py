@@ -528,9 +528,12 @@ class _Connections:
 def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             timeout: float = 60.0, accept_timeout: float | None = None,
             handshake_timeout: float = HANDSHAKE_TIMEOUT, require_verify: bool = False,
-            log=None, should_stop=None, prefault: Prefault | None = None) -> Receiver:
+            log=None, should_stop=None, prefault: Prefault | None = None,
+            on_receiving: Callable[[Receiver], None] | None = None) -> Receiver:
     """Accept a migration on `listener` and drive it to COMPLETE (restore,
     resume, RUNNING). Returns the Receiver; raises MigrationError.
+    on_receiving(receiver), when given, is called once the source's first
+    connection is admitted (its receiver's stats then grow as pages arrive).
 
     Connections are accepted on a thread while the migration runs: one that
     sends no HELLO within handshake_timeout is dropped, one of another source
@@ -545,6 +548,8 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
     stream = None
     try:
         rx, stream = conns.wait_primary(accept_timeout, should_stop)
+        if on_receiving is not None:
+            on_receiving(rx)
         rx.run(stream)
         with conns.lock:
             rx.stats["bytes_received"] = sum(s.bytes_in for s in conns.admitted)
@@ -565,7 +570,7 @@ def _resume_machine(machine) -> None:
 
 def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float | None = None,
              require_verify: bool = False, verbose: bool = True, on_listening=None,
-             prefault: bool = True) -> dict:
+             prefault: bool = True, on_receiving=None) -> dict:
     """Receive a migrating guest into `machine` (created, not booted).
 
     Listens on uri (tcp:HOST:PORT), accepts the source's connection(s),
@@ -603,7 +608,7 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
                      lambda: _resume_machine(machine), timeout=timeout,
                      accept_timeout=accept_timeout, require_verify=require_verify, log=log,
                      should_stop=lambda: getattr(machine, "status", None) == "shutdown",
-                     prefault=prefaulter)
+                     prefault=prefaulter, on_receiving=on_receiving)
     finally:
         listener.close()
         if prefaulter is not None:

@@ -135,6 +135,8 @@ class Balloon(VirtioDevice):
         super().__init__()
         self.memory = memory
         self.npages = memory.npages
+        #: fn(actual_pages) whenever the driver reports a new balloon size
+        self.actual_listeners: list = []
         offer = 1 << VIRTIO_F_INDIRECT_DESC
         for on, bit in ((must_tell_host, F_MUST_TELL_HOST), (stats, F_STATS_VQ),
                         (deflate_on_oom, F_DEFLATE_ON_OOM),
@@ -232,10 +234,19 @@ class Balloon(VirtioDevice):
             actual, poison = struct.unpack_from("<I", cfg, CFG_ACTUAL)[0], \
                 struct.unpack_from("<I", cfg, CFG_POISON_VAL)[0]
             # Only actual and poison_val are the driver's to write.
+            changed = False
             if offset < CFG_ACTUAL + 4 and offset + len(data) > CFG_ACTUAL:
+                changed = self.actual != actual
                 self.actual = actual
             if offset < CFG_POISON_VAL + 4 and offset + len(data) > CFG_POISON_VAL:
                 self.poison_val = poison
+        if changed:
+            # outside the lock: a listener may query the balloon
+            for fn in list(self.actual_listeners):
+                try:
+                    fn(actual)
+                except Exception:
+                    log.exception("balloon: actual listener failed")
 
     def _hint_config_id(self) -> int:
         if self.hint_status in (HINT_REQUESTED, HINT_START):

@@ -1,0 +1,486 @@
+"""QEMU's QMP commands, with QEMU's names, arguments, units and replies,
+mapped onto hv's machine, migration and balloon (the protocol itself is
+hv.qmp). A script written for QEMU drives hv unchanged:
+
+    migrate-set-capabilities {"capabilities": [{"capability": "events", "state": true}]}
+    migrate-set-parameters   {"downtime-limit": 300, "max-bandwidth": 1073741824}
+    migrate-incoming         {"uri": "tcp:0.0.0.0:4444"}     (run-guest --incoming defer)
+    migrate                  {"uri": "tcp:HOST:4444"}
+    query-migrate            -> MigrationInfo, on the source and the destination
+
+hv's own settings and figures are downstream extensions named with the
+prefix PREFIX, as qmp-spec.rst prescribes (__RFQDN_name): migrate-set-
+parameters takes __io.github.hv_free-pages (bitmap|hint|off), _verify,
+_dirty-log, _max-rounds, _downtime-strategy and _hint-wait-ms; query-migrate adds hv's
+figures (pages skipped as free or zero, the rounds); the console, the vCPU
+exit counts and the free page bitmap are prefixed commands. A client that
+knows none of them gets hv's defaults.
+
+Events (sent through emit(event, data)): STOP, RESUME, SHUTDOWN, and, with
+the "events" capability on as in QEMU, MIGRATION and MIGRATION_PASS;
+BALLOON_CHANGE.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from . import __version__
+from .machine import (STATUS_PAUSED, STATUS_POSTMIGRATE, STATUS_RUNNING, STATUS_SHUTDOWN,
+                      MachineError)
+from .memory import PAGE_SIZE
+from .migration.commands import install as install_migration
+from .migration.incoming import IncomingMigration
+from .migration.protocol import MigrationError
+from .migration.sender import MigrationParams
+from .qmp import DEVICE_NOT_ACTIVE, QEMU_VERSION, Command, QmpError, QmpServer
+
+#: hv's downstream prefix: the reverse of the domain hv.github.io
+PREFIX = "__io.github.hv_"
+MIB = 1 << 20
+
+#: hv's shutdown reasons -> QEMU's ShutdownCause and whether the guest asked
+SHUTDOWN_CAUSES = {
+    "quit": ("host-qmp-quit", False),
+    "poweroff": ("guest-shutdown", True),
+    "halt": ("guest-shutdown", True),
+    "reboot": ("guest-reset", True),
+    "terminated": ("host-signal", False),
+    "interrupted": ("host-signal", False),
+    "migrated": ("host-qmp-quit", False),
+    "error": ("host-error", False),
+    "internal-error": ("host-error", False),
+}
+
+#: QEMU's capabilities that hv has, with their defaults
+CAPABILITIES = {"events": False, "multifd": False}
+
+#: migrate-set-parameters member -> the MigrationParams field it sets
+PARAMETER_FIELDS = {
+    "downtime-limit": "downtime_ms",
+    "max-bandwidth": "max_bandwidth_mib",
+    "multifd-channels": "connections",
+    PREFIX + "free-pages": "free_pages",
+    PREFIX + "verify": "verify",
+    PREFIX + "dirty-log": "dirty_log",
+    PREFIX + "max-rounds": "max_rounds",
+    PREFIX + "downtime-strategy": "downtime_strategy",
+    PREFIX + "hint-wait-ms": "hint_wait_ms",
+}
+PARAMETER_TYPES = {
+    "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
+    PREFIX + "free-pages": "str", PREFIX + "verify": "bool", PREFIX + "dirty-log": "str",
+    PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
+    PREFIX + "hint-wait-ms": "int",
+}
+
+#: hv's migration statuses that QEMU spells otherwise
+_INCOMING_STATUS = {"deferred": "none", "starting": "setup"}
+
+
+def _defaults() -> dict:
+    d = MigrationParams(uri="tcp:127.0.0.1:0")
+    return {
+        "downtime-limit": int(d.downtime_ms),
+        "max-bandwidth": int(d.max_bandwidth_mib * MIB),    # 0: no limit
+        "multifd-channels": 2,                              # QEMU's default
+        PREFIX + "verify": d.verify,
+        PREFIX + "dirty-log": d.dirty_log,
+        PREFIX + "max-rounds": d.max_rounds,
+        PREFIX + "downtime-strategy": d.downtime_strategy,
+        PREFIX + "hint-wait-ms": d.hint_wait_ms,
+    }
+
+
+def _ms(value) -> int:
+    return int(round(value or 0))
+
+
+class QemuMonitor:
+    """QEMU's command set over one Machine; commands() is the registry for
+    hv.qmp.QmpServer, emit is where events go (the server's emit)."""
+
+    def __init__(self, machine, emit: Callable[[str, dict], None] | None = None):
+        self.machine = machine
+        self.emit = emit or (lambda event, data: None)
+        self.capabilities = dict(CAPABILITIES)
+        self.parameters = _defaults()
+        self._lock = threading.Lock()
+        self.migrations = getattr(machine, "migration_commands", None) or \
+            install_migration(machine)
+        self.migrations.listeners.append(self._on_migration_event)
+        self.incoming = IncomingMigration.of(machine)
+        self.incoming.listeners.append(self._on_migration_event)
+        machine.status_listeners.append(self._on_status)
+        balloon = getattr(machine, "balloon", None)
+        if balloon is not None and hasattr(balloon, "actual_listeners"):
+            balloon.actual_listeners.append(self._on_balloon)
+
+    def detach(self) -> None:
+        """Stop listening to the machine (its QMP server has closed)."""
+        for owner, fn in ((self.migrations.listeners, self._on_migration_event),
+                          (self.incoming.listeners, self._on_migration_event),
+                          (self.machine.status_listeners, self._on_status),
+                          (getattr(getattr(self.machine, "balloon", None),
+                                   "actual_listeners", []), self._on_balloon)):
+            if fn in owner:
+                owner.remove(fn)
+
+    # -- events ------------------------------------------------------------------
+    def _on_status(self, status: str, reason: str) -> None:
+        if status == STATUS_PAUSED:
+            self.emit("STOP", {})
+        elif status == STATUS_RUNNING:
+            self.emit("RESUME", {})
+        elif status == STATUS_SHUTDOWN:
+            why = self.machine.shutdown_reason or reason or "quit"
+            cause, guest = SHUTDOWN_CAUSES.get(why, ("host-error", False))
+            self.emit("SHUTDOWN", {"guest": guest, "reason": cause})
+
+    def _on_migration_event(self, event: str, data: dict) -> None:
+        if self.capabilities["events"]:
+            self.emit(event, dict(data))
+
+    def _on_balloon(self, actual_pages: int) -> None:
+        self.emit("BALLOON_CHANGE", {"actual": self.machine.memory.size -
+                                     int(actual_pages) * PAGE_SIZE})
+
+    # -- the registry -------------------------------------------------------------
+    def commands(self) -> dict[str, Command]:
+        m = self.machine
+        cmds = {
+            "query-status": Command(self.query_status),
+            "stop": Command(lambda a: m.commands["stop"]({})),
+            "cont": Command(lambda a: m.commands["cont"]({})),
+            "quit": Command(lambda a: m.commands["quit"]({})),
+            "query-version": Command(self.query_version),
+            "query-commands": Command(self.query_commands),
+            "query-name": Command(lambda a: {}),
+            "migrate": Command(self.migrate, {"*uri": "str", "*channels": "list",
+                                              "*detach": "bool", "*resume": "bool",
+                                              "*blk": "bool", "*inc": "bool"}),
+            "migrate-incoming": Command(self.migrate_incoming,
+                                        {"*uri": "str", "*channels": "list"}),
+            "migrate_cancel": Command(self.migrate_cancel),
+            "migrate-set-parameters": Command(self.set_parameters,
+                                              {"*" + k: v for k, v in PARAMETER_TYPES.items()}),
+            "query-migrate-parameters": Command(self.query_parameters),
+            "migrate-set-capabilities": Command(self.set_capabilities,
+                                                {"capabilities": "list"}),
+            "query-migrate-capabilities": Command(self.query_capabilities),
+            "query-migrate": Command(self.query_migrate),
+            "balloon": Command(self.balloon, {"value": "int"}),
+            "query-balloon": Command(self.query_balloon),
+            PREFIX + "console-input": Command(self.console_input,
+                                              {"data": "str", "*timeout": "number"}),
+            PREFIX + "query-exits": Command(lambda a: m.exit_summary()),
+            PREFIX + "request-free-page-bitmap": Command(self.free_page_bitmap,
+                                                         {"*timeout-ms": "int"}),
+            PREFIX + "query-balloon": Command(self.hv_query_balloon),
+        }
+        self._names = sorted(cmds) + ["qmp_capabilities"]
+        return cmds
+
+    # -- run state ------------------------------------------------------------------
+    def query_status(self, args: dict) -> dict:
+        status = self.machine.status
+        return {"running": status == STATUS_RUNNING, "status": status}
+
+    def query_version(self, args: dict) -> dict:
+        return {"qemu": dict(QEMU_VERSION), "package": f"hv-{__version__}"}
+
+    def query_commands(self, args: dict) -> list:
+        return [{"name": n} for n in sorted(self._names)]
+
+    # -- migration: settings ------------------------------------------------------------
+    def set_capabilities(self, args: dict) -> dict:
+        wanted = {}
+        for item in args["capabilities"]:
+            if not isinstance(item, dict) or set(item) != {"capability", "state"}:
+                raise QmpError("Parameter 'capabilities' expects a list of "
+                               "{\"capability\": name, \"state\": bool}")
+            name, state = item["capability"], item["state"]
+            if name not in CAPABILITIES:
+                raise QmpError(f"Parameter 'capability' does not accept value '{name}'"
+                               if isinstance(name, str) else
+                               "Invalid parameter type for 'capability', expected: string")
+            if not isinstance(state, bool):
+                raise QmpError("Invalid parameter type for 'state', expected: boolean")
+            wanted[name] = state
+        self._refuse_while_migrating()
+        self.capabilities.update(wanted)
+        return {}
+
+    def query_capabilities(self, args: dict) -> list:
+        return [{"capability": k, "state": v} for k, v in self.capabilities.items()]
+
+    def set_parameters(self, args: dict) -> dict:
+        with self._lock:
+            merged = {**self.parameters, **args}
+            self._check(self._hv_args(merged, self.capabilities, "tcp:127.0.0.1:0"))
+            self.parameters.update(args)
+        return {}
+
+    def query_parameters(self, args: dict) -> dict:
+        out = dict(self.parameters)
+        out.setdefault(PREFIX + "free-pages", self._default_free_pages())
+        return out
+
+    def _default_free_pages(self) -> str:
+        """bitmap when the guest's balloon driver offers it, else off."""
+        b = getattr(self.machine, "balloon", None)
+        try:
+            from .devices.virtio.balloon_defs import F_FREE_PAGE_BITMAP
+            if b is not None and b.active and b.has_feature(F_FREE_PAGE_BITMAP):
+                return "bitmap"
+        except (ImportError, AttributeError):
+            pass
+        return "off"
+
+    def _hv_args(self, parameters: dict, capabilities: dict, uri: str) -> dict:
+        """QMP's parameters and capabilities -> the arguments of hv's migrate
+        (MigrationParams fields). The source stays in postmigrate until quit."""
+        args: dict = {"uri": uri, "shutdown_source": False}
+        for name, value in parameters.items():
+            if name == "max-bandwidth" and isinstance(value, int) \
+                    and not isinstance(value, bool):
+                value = value / MIB             # bytes/s -> MiB/s
+            if name == "multifd-channels" and not capabilities.get("multifd"):
+                continue                        # one connection without multifd
+            args[PARAMETER_FIELDS[name]] = value
+        args.setdefault("free_pages", self._default_free_pages())
+        return args
+
+    @staticmethod
+    def _qmp_error(e: MigrationError) -> QmpError:
+        """hv's message, naming the QMP parameter instead of hv's field."""
+        desc = str(e)
+        for name, field in PARAMETER_FIELDS.items():
+            desc = desc.replace(f"'{field}'", f"'{name}'")
+        return QmpError(desc)
+
+    def _check(self, hv_args: dict) -> None:
+        try:
+            MigrationParams.from_args(dict(hv_args))
+        except MigrationError as e:
+            raise self._qmp_error(e) from None
+
+    def _refuse_while_migrating(self) -> None:
+        cur = self.migrations.current
+        if cur is not None and not cur.finished:
+            raise QmpError("There's a migration process in progress")
+
+    # -- migration: running --------------------------------------------------------------
+    @staticmethod
+    def _uri(args: dict, command: str) -> str:
+        uri, channels = args.get("uri"), args.get("channels")
+        if (uri is None) == (channels is None):
+            raise QmpError(f"{command}: give either 'uri' or 'channels', not both nor neither")
+        if uri is not None:
+            return uri
+        if len(channels) != 1 or not isinstance(channels[0], dict):
+            raise QmpError("Parameter 'channels' expects one main channel")
+        ch = channels[0]
+        addr = ch.get("addr")
+        if ch.get("channel-type", "main") != "main" or not isinstance(addr, dict):
+            raise QmpError("Parameter 'channels' expects one main channel with an 'addr'")
+        if addr.get("transport") != "socket" or addr.get("type") != "inet":
+            raise QmpError("hv migrates over TCP only: 'addr' must be "
+                           "{\"transport\": \"socket\", \"type\": \"inet\", ...}")
+        host, port = addr.get("host"), addr.get("port")
+        if not isinstance(host, str) or not isinstance(port, (str, int)):
+            raise QmpError("Parameter 'addr' needs 'host' and 'port'")
+        return f"tcp:{host}:{port}"
+
+    def migrate(self, args: dict) -> dict:
+        if args.get("resume") or args.get("blk") or args.get("inc"):
+            raise QmpError("hv does not resume postcopy nor migrate block devices")
+        uri = self._uri(args, "migrate")
+        status = self.machine.status
+        if self.incoming.status not in ("none", "completed"):
+            raise QmpError("Guest is waiting for an incoming migration")
+        if status in (STATUS_POSTMIGRATE, STATUS_SHUTDOWN):
+            raise QmpError(f"Guest is not in a state to be migrated (status {status})")
+        with self._lock:
+            hv_args = self._hv_args(dict(self.parameters), self.capabilities, uri)
+        try:
+            self.migrations.migrate(hv_args)
+        except MigrationError as e:
+            raise self._qmp_error(e) from None
+        return {}
+
+    def migrate_incoming(self, args: dict) -> dict:
+        uri = self._uri(args, "migrate-incoming")
+        self.incoming.start(uri)
+        return {}
+
+    def migrate_cancel(self, args: dict) -> dict:
+        cur = self.migrations.current
+        if cur is not None and not cur.finished:
+            cur.cancel()
+        return {}
+
+    def query_migrate(self, args: dict) -> dict:
+        inc = self.incoming
+        if inc.status not in ("none", "deferred") and self.migrations.current is None:
+            return self._incoming_info(inc)
+        cur = self.migrations.current
+        if cur is None:
+            return {}
+        return self._outgoing_info(cur.query(), cur)
+
+    def _outgoing_info(self, q: dict, migration) -> dict:
+        status = q["status"]
+        rounds = q.get("rounds") or []
+        total_s = max((q.get("total_time_ms") or 0) / 1000, 1e-6)
+        ram = {
+            "transferred": int(q["bytes_sent"]),
+            "remaining": int(q.get("remaining_pages") or 0) * PAGE_SIZE,
+            "total": int(q["pages_total"]) * PAGE_SIZE,
+            "duplicate": int(q["pages_skipped_zero"]),
+            "skipped": 0,
+            "normal": int(q["pages_sent"]),
+            "normal-bytes": int(q["pages_sent"]) * PAGE_SIZE,
+            "dirty-pages-rate": self._dirty_rate(rounds),
+            "mbps": round(q.get("throughput_mib_s", 0.0) * MIB * 8 / 1e6, 3),
+            "dirty-sync-count": int(q.get("dirty_syncs") or 0),
+            "postcopy-requests": 0,
+            "page-size": PAGE_SIZE,
+            "multifd-bytes": int(q["bytes_sent"]) if migration.p.connections > 1 else 0,
+            "pages-per-second": int(q["pages_sent"] / total_s),
+            "precopy-bytes": sum(int(r.get("bytes", 0)) for r in rounds
+                                 if not r.get("final")),
+            "downtime-bytes": sum(int(r.get("bytes", 0)) for r in rounds if r.get("final")),
+            "postcopy-bytes": 0,
+            "dirty-sync-missed-zero-copy": 0,
+        }
+        info: dict = {"status": status}
+        if status != "setup":
+            info["ram"] = ram
+        info["total-time"] = _ms(q.get("total_time_ms"))
+        info["setup-time"] = _ms(q.get("setup_ms"))
+        if status in ("active", "device") and q.get("expected_downtime_ms") is not None:
+            info["expected-downtime"] = _ms(q["expected_downtime_ms"])
+        if status == "completed" and q.get("downtime_ms") is not None:
+            info["downtime"] = _ms(q["downtime_ms"])
+        if q.get("error") and status in ("failed", "cancelled"):
+            info["error-desc"] = q["error"]
+        # hv's own figures
+        extra = {
+            "free-pages": q.get("free_pages"),
+            "pages-skipped-free": q.get("pages_skipped_free"),
+            "pages-skipped-zero": q.get("pages_skipped_zero"),
+            "pages-filled": q.get("pages_filled"),
+            "rounds": rounds,
+            "dirty-log": q.get("dirty_log") or None,
+            "free-page-info": q.get("free_page_info"),
+            "downtime-parts": q.get("downtime_parts"),
+            "verified": q.get("verified"),
+            "warning": q.get("warning"),
+        }
+        info.update({PREFIX + k: v for k, v in extra.items() if v is not None})
+        return info
+
+    @staticmethod
+    def _dirty_rate(rounds: list) -> int:
+        """Pages dirtied per second during the last round that measured it."""
+        for r in reversed(rounds):
+            if r.get("dirty_pages") and r.get("ms"):
+                return int(r["dirty_pages"] / (r["ms"] / 1000))
+        return 0
+
+    def _incoming_info(self, inc: IncomingMigration) -> dict:
+        status = _INCOMING_STATUS.get(inc.status, inc.status)
+        if status == "none":
+            return {}
+        s = inc.stats()
+        now = inc.ended_at or time.monotonic()
+        info: dict = {"status": status}
+        if inc.receiver is not None:
+            received = s["pages"] + s["zero_pages"] + s["fill_pages"] + s["free_pages"]
+            info["ram"] = {
+                "transferred": int(s.get("bytes_received", s["bytes"])),
+                "remaining": 0,
+                "total": self.machine.memory.size,
+                "duplicate": int(s["zero_pages"]),
+                "skipped": 0,
+                "normal": int(s["pages"]),
+                "normal-bytes": int(s["pages"]) * PAGE_SIZE,
+                "dirty-pages-rate": 0,
+                "mbps": 0.0,
+                "dirty-sync-count": 0,
+                "postcopy-requests": 0,
+                "page-size": PAGE_SIZE,
+                "multifd-bytes": 0,
+                "pages-per-second": 0,
+                "precopy-bytes": int(s["bytes"]),
+                "downtime-bytes": 0,
+                "postcopy-bytes": 0,
+                "dirty-sync-missed-zero-copy": 0,
+            }
+            info[PREFIX + "pages-free"] = int(s["free_pages"])
+            info[PREFIX + "pages-filled"] = int(s["fill_pages"])
+            info[PREFIX + "pages-received"] = int(received)
+        if inc.started_at is not None:
+            info["total-time"] = int((now - inc.started_at) * 1000)
+        if inc.error and status == "failed":
+            info["error-desc"] = inc.error
+        return info
+
+    # -- balloon ----------------------------------------------------------------------
+    def _balloon(self):
+        b = getattr(self.machine, "balloon", None)
+        if b is None:
+            raise QmpError("No balloon device has been activated", DEVICE_NOT_ACTIVE)
+        return b
+
+    def balloon(self, args: dict) -> dict:
+        b = self._balloon()
+        value = args["value"]
+        size = self.machine.memory.size
+        if value <= 0:
+            raise QmpError("Parameter 'value' expects a size")
+        value = min(value, size)
+        try:
+            b.set_target((size - value) / MIB)
+        except Exception as e:
+            raise QmpError(str(e)) from None
+        return {}
+
+    def query_balloon(self, args: dict) -> dict:
+        b = self._balloon()
+        return {"actual": self.machine.memory.size - int(b.actual) * PAGE_SIZE}
+
+    def hv_query_balloon(self, args: dict) -> dict:
+        self._balloon()
+        return self.machine.commands["query-balloon"]({})
+
+    def free_page_bitmap(self, args: dict) -> dict:
+        self._balloon()
+        hv_args = {"timeout_ms": args["timeout-ms"]} if "timeout-ms" in args else {}
+        return self.machine.commands["request-free-page-bitmap"](hv_args)
+
+    # -- console -----------------------------------------------------------------------
+    def console_input(self, args: dict) -> dict:
+        hv_args = {"data": args["data"]}
+        if "timeout" in args:
+            hv_args["timeout_s"] = args["timeout"]
+        try:
+            return self.machine.commands["console-input"](hv_args)
+        except MachineError as e:
+            raise QmpError(str(e).replace("'timeout_s'", "'timeout'")) from None
+
+
+def serve(path: str, machine) -> QmpServer:
+    """QEMU's commands for machine, served over QMP on the UNIX socket path."""
+    monitor = QemuMonitor(machine)
+    server = QmpServer(path, monitor.commands())
+    monitor.emit = server.emit
+    server.on_close.append(monitor.detach)
+    server.monitor = monitor
+    return server
+
+
+__all__ = ["PREFIX", "QemuMonitor", "SHUTDOWN_CAUSES", "serve"]
