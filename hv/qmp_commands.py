@@ -377,7 +377,10 @@ class QemuMonitor:
             "dirty-log": q.get("dirty_log") or None,
             "free-page-info": q.get("free_page_info"),
             "downtime-parts": q.get("downtime_parts"),
+            "downtime-exceeded": q.get("downtime_exceeded") or None,
+            "pause-rollbacks": q.get("pause_rollbacks") or None,
             "verified": q.get("verified"),
+            "verify-ms": _ms(q["verify_ms"]) if q.get("verify_ms") else None,
             "warning": q.get("warning"),
         }
         info.update({PREFIX + k: v for k, v in extra.items() if v is not None})
