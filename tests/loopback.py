@@ -2,7 +2,8 @@
 
 import threading
 
-from hv.migration.receiver import Prefault, listen, receive
+from hv.migration.receiver import Prefault, receive
+from hv.migration.transport import listen
 from hv.migration.sender import Migration, MigrationParams
 
 

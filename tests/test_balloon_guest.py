@@ -281,7 +281,7 @@ def test_balloon_after_save_restore(bitmap_guest, linux_images):
     """The balloon's state moves with the machine: a restored copy answers
     bitmap and stats requests and keeps the balloon size."""
     from hv.machine import Machine, MachineConfig
-    from hv.migration.protocol import decode_state, encode_state
+    from hv.migration.state_codec import decode_state, encode_state
     g = bitmap_guest
     g.m.commands["balloon"]({"target_mib": 4})
     g.wait_actual(4 * 256)

@@ -320,7 +320,8 @@ def test_incoming_prints_its_uri_for_scripts(capsys):
     import re
     from hv.memory import GuestMemory
     from hv.migration.protocol import MigrationError
-    from hv.migration.receiver import incoming, parse_uri
+    from hv.migration.receiver import incoming
+    from hv.migration.transport import parse_uri
 
     class Unbooted:
         memory = GuestMemory(1 << 20)

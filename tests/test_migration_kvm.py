@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from hv.memory import PAGE_SIZE
-from hv.migration.receiver import listen
+from hv.migration.transport import listen
 from hv.migration.sender import Migration, MigrationParams
 
 from loopback import migrate_over_loopback  # noqa: E402

@@ -27,8 +27,8 @@ import pytest
 from hv.devices import Device
 from hv.errors import GuestMemoryError
 from hv.machine import MachineError, PAUSE_MIGRATION, PAUSE_USER
-from hv.migration.protocol import Command, SocketStream, ack
-from hv.migration.receiver import listen
+from hv.migration.protocol import Command, ack
+from hv.migration.transport import SocketStream, listen
 from hv.migration.sender import Migration, MigrationParams
 from hv.migration.protocol import MigrationError
 

@@ -19,7 +19,7 @@ from conftest import Console
 from loopback import migrate_over_loopback
 from hv.memory import PAGE_SIZE
 from hv.migration.protocol import MigrationError
-from hv.migration.receiver import listen
+from hv.migration.transport import listen
 from hv.migration.sender import Migration, MigrationParams
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux]

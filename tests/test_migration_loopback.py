@@ -14,7 +14,8 @@ import pytest
 from hv.memory import PAGE_SIZE, GuestMemory, pack_bitmap
 from hv.migration.commands import install
 from hv.migration.protocol import MigrationError
-from hv.migration.receiver import listen, receive
+from hv.migration.receiver import receive
+from hv.migration.transport import listen
 from hv.migration.sender import Migration, MigrationParams
 
 MEM = 32 << 20

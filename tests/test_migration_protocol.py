@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hv.memory import PAGE_SIZE, GuestMemory
 from hv.migration import protocol as P
+from hv.migration import state_codec as C
 from hv.migration.receiver import Receiver, State, TRANSITIONS
 
 NPAGES = 64
@@ -87,30 +88,30 @@ plain = st.recursive(
 
 @given(plain)
 def test_state_roundtrip_property(obj):
-    assert P.decode_state(P.encode_state(obj)) == obj
-    assert roundtrip(P.state(obj)).payload == P.encode_state(obj)
+    assert C.decode_state(C.encode_state(obj)) == obj
+    assert roundtrip(C.state_message(obj)).payload == C.encode_state(obj)
 
 
 def test_state_arrays_and_refusals():
     st_ = {"regs": {"rip": 0xFFFFFFFF81000000, "rflags": 2}, "lapic": b"\x00" * 1024,
            "arr": np.arange(6, dtype=np.uint32).reshape(2, 3), "n": np.int64(5)}
-    back = P.decode_state(P.encode_state(st_))
+    back = C.decode_state(C.encode_state(st_))
     assert back["regs"] == st_["regs"] and back["lapic"] == st_["lapic"] and back["n"] == 5
     assert (back["arr"] == st_["arr"]).all() and back["arr"].dtype == np.uint32
     with pytest.raises(TypeError):
-        P.encode_state({"f": object()})
-    good = P.encode_state(st_)
+        C.encode_state({"f": object()})
+    good = C.encode_state(st_)
     def framed(body):
         import zlib
-        return P.STATE_MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+        return C.STATE_MAGIC + struct.pack("<I", zlib.crc32(body)) + body
     flipped = bytearray(good)
     flipped[-1] ^= 1
     for bad in (b"pickle", good[:-3], good + b"x", bytes(flipped), framed(b"Z"),
                 framed(b"l\xff\xff\xff\xff"), framed(b"i\xff\xff\x00\x00"),
-                framed(b"a" + P.encode_state("O")[12:] + P.encode_state([1])[12:]
-                       + P.encode_state(b"12345678")[12:])):
+                framed(b"a" + C.encode_state("O")[12:] + C.encode_state([1])[12:]
+                       + C.encode_state(b"12345678")[12:])):
         with pytest.raises(P.ProtocolError):
-            P.decode_state(bad)
+            C.decode_state(bad)
 
 
 # -------------------------------------------------------------- receiver
@@ -143,7 +144,7 @@ def good_messages(src):
             P.Ranges(P.Command.ZERO, [0], [NPAGES]),
             P.Ranges(P.Command.MEMORY, [1, 5], [2, 10]),
             P.Ranges(P.Command.FILL, [30], [4], pattern=0x5A5A5A5A),
-            P.state({"cpu": {"rip": 1}}),
+            C.state_message({"cpu": {"rip": 1}}),
             P.Ranges(P.Command.VERIFY, *allp, hashes=pages.hashes(src, *allp)),
             P.Control(P.Command.COMPLETE)]
 
@@ -309,7 +310,7 @@ def free_stream(mem_size, starts, counts, channel=0, channels=1):
     msgs = [P.Hello(PAGE_SIZE, mem_size, channels=channels, channel=channel),
             P.Ranges(P.Command.FREE, starts, counts)]
     if channel == 0:
-        msgs.append(P.state({"cpu": {"rip": 1}}))
+        msgs.append(C.state_message({"cpu": {"rip": 1}}))
     return stream_of(*msgs, P.Control(P.Command.COMPLETE))
 
 
@@ -421,7 +422,7 @@ def hostile_run(raw: bytes, mem=None, after_state=False):
     hello = P.BufferStream()
     hello.send(P.Hello(PAGE_SIZE, mem.size))
     if after_state:
-        hello.send(P.state({"cpu": {"rip": 1}}))
+        hello.send(C.state_message({"cpu": {"rip": 1}}))
     s = ReadLimitStream(io.BytesIO(hello.f.getvalue() + raw), out=io.BytesIO())
     rx = Receiver(mem, lambda st_: None, lambda: None)
     rss0 = rss_bytes()
@@ -450,7 +451,7 @@ def table(cmd, starts, counts, pattern=0, length=None, body=b""):
 
 def framed_state(body: bytes) -> bytes:
     import zlib
-    return P.STATE_MAGIC + struct.pack("<I", zlib.crc32(body)) + body
+    return C.STATE_MAGIC + struct.pack("<I", zlib.crc32(body)) + body
 
 
 def test_overlapping_and_unsorted_ranges_are_refused():
@@ -527,8 +528,8 @@ def test_state_sizes_and_counts_are_bounded():
         e, *_ = hostile_run(P.Header(P.Command.STATE, len(raw)).pack() + raw)
         assert "does not fit in the" in str(e)
     # an array whose shape product is astronomic
-    arr = framed_state(b"a" + P.encode_state("<u1")[12:]
-                       + P.encode_state([2**8000] * 64)[12:] + P.encode_state(b"")[12:])
+    arr = framed_state(b"a" + C.encode_state("<u1")[12:]
+                       + C.encode_state([2**8000] * 64)[12:] + C.encode_state(b"")[12:])
     e, *_ = hostile_run(P.Header(P.Command.STATE, len(arr)).pack() + arr)
     assert "malformed array" in str(e)
 
@@ -592,7 +593,7 @@ def hostile_state(draw):
                       st.binary(max_size=12)).map(b"".join)),
         max_size=12))
     body = b"".join(parts)
-    raw = framed_state(body) if draw(st.booleans()) else P.STATE_MAGIC + body
+    raw = framed_state(body) if draw(st.booleans()) else C.STATE_MAGIC + body
     length = draw(st.just(len(raw)) | u64 | st.integers(0, P.MAX_STATE))
     return P.Header(P.Command.STATE, length).pack() + raw
 

@@ -154,7 +154,7 @@ def test_random_register_writes(ops):
         t.read(r.CONFIG, 20)
     assert mem.violations == []
     assert irq.level == (t.interrupt_status != 0)
-    from hv.migration.protocol import decode_state, encode_state
+    from hv.migration.state_codec import decode_state, encode_state
     state = decode_state(encode_state(t.save()))
     t2 = r.VirtioMmioTransport(Balloon(mem), mem, FakeIrqLine(), "balloon")
     t2.restore(state)

@@ -25,7 +25,7 @@ from .protocol import MigrationError
 def _uri(text: str) -> str:
     """argparse type of --incoming: tcp:HOST:PORT (checked as the receiver
     reads it) or defer."""
-    from .receiver import parse_uri
+    from .transport import parse_uri
     if text == "defer":
         return text
     try:

@@ -20,7 +20,8 @@ import threading
 import time
 
 from .protocol import MigrationError
-from .receiver import incoming, parse_uri
+from .receiver import incoming
+from .transport import parse_uri
 
 #: how long migrate-incoming waits for the listening socket before answering
 LISTEN_WAIT_S = 10.0

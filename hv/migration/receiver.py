@@ -29,8 +29,10 @@ import numpy as np
 from ..memory import PAGE_SIZE
 from . import pages
 from .protocol import (
-    FEATURE_VERIFY, FEATURES, VERSION, Command, Control, Hello, MigrationError, PeerError, ProtocolError, Ranges,
-    SocketStream, Stream, ack, decode_state, error, reason)
+    FEATURE_VERIFY, FEATURES, VERSION, Command, Control, Hello, MigrationError, PeerError,
+    ProtocolError, Ranges, Stream, ack, error, reason)
+from .state_codec import decode_state
+from .transport import SocketStream, format_uri, listen, tune_socket
 
 
 class State(enum.Enum):
@@ -339,58 +341,6 @@ class Prefault:
             self.thread.join()
 
 
-# ------------------------------------------------------------------- URIs
-
-def parse_uri(uri: str) -> tuple[str, int]:
-    """'tcp:HOST:PORT' -> (host, port); an empty HOST is every address, an
-    IPv6 address goes in brackets (tcp:[::1]:4444)."""
-    if not uri.startswith("tcp:"):
-        raise MigrationError(f"migration URI {uri!r}: only tcp:HOST:PORT is supported")
-    host, sep, port = uri[4:].rpartition(":")
-    if not sep or not (port.isascii() and port.isdigit()):
-        raise MigrationError(f"migration URI {uri!r}: expected tcp:HOST:PORT with PORT a "
-                             f"number 0..65535")
-    if int(port) > 65535:
-        raise MigrationError(f"migration URI {uri!r}: the port must be 0..65535, not {port}")
-    if host.startswith("[") != host.endswith("]") or (
-            ":" in host and not host.startswith("[")):
-        raise MigrationError(f"migration URI {uri!r}: write an IPv6 address in brackets, "
-                             f"like tcp:[::1]:{port}")
-    host = host[1:-1] if host.startswith("[") else host
-    return host or "0.0.0.0", int(port)
-
-
-def format_uri(host: str, port: int) -> str:
-    """The inverse of parse_uri."""
-    return f"tcp:[{host}]:{port}" if ":" in host else f"tcp:{host}:{port}"
-
-
-def listen(uri: str) -> socket.socket:
-    host, port = parse_uri(uri)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind((host, port))
-    except OSError as e:
-        s.close()
-        raise MigrationError(f"cannot listen on {host}:{port} for the incoming migration: "
-                             f"{e.strerror}") from e
-    s.listen(16)
-    return s
-
-
-def tune_socket(sock: socket.socket) -> None:
-    """A migration connection, either side: no Nagle delay, 4 MiB buffers
-    (best effort)."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        except OSError:
-            pass
-
-
 HANDSHAKE_TIMEOUT = 5.0     # seconds a new connection has to send its HELLO
 
 
@@ -622,4 +572,4 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
 
 
 __all__ = ["HelloRefused", "Prefault", "Receiver", "State", "TRANSITIONS", "incoming",
-           "receive", "listen", "parse_uri", "format_uri", "tune_socket", "VERSION"]
+           "receive", "VERSION"]

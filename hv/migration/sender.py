@@ -41,8 +41,9 @@ from ..memory import PAGE_SIZE, bitmap_words
 from . import pages
 from .protocol import (
     FEATURE_VERIFY, FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError,
-    Ranges, SocketStream, cancel as cancel_msg, error as error_msg, state as state_msg)
-from .receiver import parse_uri, tune_socket
+    Ranges, cancel as cancel_msg, error as error_msg)
+from .state_codec import state_message
+from .transport import SocketStream, connect, parse_uri
 from ..machine import PAUSE_MIGRATION, PAUSE_USER
 
 BATCH_PAGES = 2048          # pages per MEMORY message (8 MiB)
@@ -557,17 +558,10 @@ class Migration:
 
     # -- connection -----------------------------------------------------------
     def _connect(self) -> None:
-        host, port = parse_uri(self.p.uri)
         session = int.from_bytes(os.urandom(8), "little")
         rate = int(self.p.max_bandwidth_mib * (1 << 20) / self.p.connections)
         for i in range(self.p.connections):
-            try:
-                sock = socket.create_connection((host, port), timeout=self.p.timeout_s)
-            except OSError as e:
-                raise MigrationError(f"cannot connect to {host}:{port}: "
-                                     f"{e.strerror or e}") from e
-            tune_socket(sock)
-            sock.settimeout(self.p.timeout_s)
+            sock = connect(self.p.uri, self.p.timeout_s)
             st_ = SocketStream(sock, PAGE_SIZE, self.p.timeout_s, rate)
             self.streams.append(st_)
             t0 = time.monotonic()
@@ -905,7 +899,7 @@ class Migration:
         self._send_set(last, rnd)
         self._end_round(rnd, t3)
         st0 = self.streams[0]
-        n = st0.send(state_msg(machine_state))
+        n = st0.send(state_message(machine_state))
         with self._lock:
             self.s.bytes_sent += n
         t4 = time.monotonic()

@@ -391,13 +391,9 @@ class VirtioMmioTransport(Device):
                 setattr(self, k, state[k])
             self.needs_reset_reason = reason
             queues = self._queue_list()
-            # Before DRIVER_OK the queue set follows the features the driver
-            # is still writing, and is made anew on the next access.
-            if self.status & STATUS_DRIVER_OK and state["queues"] and \
-                    len(state["queues"]) != len(queues):
-                self._reset_state()
-                raise DeviceStateError(f"{self.name}: {len(state['queues'])} saved queues, "
-                                       f"the device has {len(queues)} for its features")
+            # The saved list can be of another length (queues made for the
+            # features written before the last ones); each saved queue is
+            # checked on its own.
             try:
                 for q, qs in zip(queues, state["queues"]):
                     q.restore(qs)
