@@ -10,18 +10,15 @@ off or reboots, 1 when it fails (KVM internal error, the command's status
 line missing), 2 for usage errors (no /dev/kvm, not a kernel image, too
 little memory, ...), printed as one line without a traceback.
 
-Extensions (live migration's --incoming) hook in with register_extension():
-add_arguments(parser) adds options; setup(args, machine) runs after the
-machine and its control socket exist and returns True when it has prepared
-the guest itself (restored instead of booted). Modules named in EXTENSIONS
-are imported when present so that they can register.
+Live migration's options come from hv.migration.cli: add_arguments(parser)
+adds them; setup(args, machine) runs after the machine and its control
+socket exist and returns True when it has prepared the guest itself
+(restored instead of booted).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import importlib
 import logging
 import os
 import re
@@ -31,40 +28,13 @@ import termios
 import threading
 import time
 import tty
-from dataclasses import dataclass
-from typing import Callable
-
 from .errors import HvError
+from .migration import cli as migration_cli
 
-EXTENSIONS = ("hv.migration.cli",)
 DEFAULT_MEM_MIB = 128
 CTRL_A = 0x01
 EXIT_STATUS_RE = re.compile(rb"hv-guest: exit-status (-?\d+)")
 READY_MARK = b"hv-guest: ready"
-
-
-@dataclass
-class Extension:
-    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
-    setup: Callable[[argparse.Namespace, object], bool] | None = None
-
-
-_extensions: list[Extension] = []
-
-
-def register_extension(add_arguments=None, setup=None) -> None:
-    """Add CLI options (add_arguments(parser)) and a setup(args, machine) step
-    that returns True when it prepared the guest instead of boot()."""
-    _extensions.append(Extension(add_arguments, setup))
-
-
-def _load_extensions() -> None:
-    for name in EXTENSIONS:
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            if e.name != name:
-                logging.getLogger("hv.cli").debug("extension %s: %s", name, e)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -115,9 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "UNIX socket")
     r.add_argument("--verbose", "-v", action="store_true",
                    help="report the boot time and the vCPU exit counts")
-    for ext in _extensions:
-        if ext.add_arguments:
-            ext.add_arguments(p)
+    migration_cli.add_arguments(p)
     return p
 
 
@@ -257,8 +225,8 @@ def run(args) -> int:
     kernel, initrd = _default_images(args)
     append = args.append
     if args.exec_cmd is not None:
-        append = (append + " hv.exec=" +
-                  base64.b64encode(args.exec_cmd.encode()).decode()).strip()
+        from .images import exec_arg
+        append = (append + " " + exec_arg(args.exec_cmd)).strip()
     t0 = time.monotonic()
     m = Machine(MachineConfig(mem_mib=args.mem, cpus=args.cpus, kernel=kernel, initrd=initrd,
                               append=append, balloon=args.balloon, console=sys.stdout.buffer,
@@ -270,11 +238,7 @@ def run(args) -> int:
     term = None
     old_term = signal.signal(signal.SIGTERM, lambda *a: m.request_shutdown("terminated"))
     try:
-        prepared = False
-        for ext in _extensions:
-            if ext.setup and ext.setup(args, m):
-                prepared = True
-        if not prepared:
+        if not migration_cli.setup(args, m):
             m.boot()
         # a deferred incoming migration (--incoming defer) starts the guest itself
         if not m.started and m.status not in ("shutdown", "inmigrate"):
@@ -320,7 +284,6 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    _load_extensions()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.balloon_opts and not args.balloon:

@@ -54,13 +54,9 @@ def test_balloon_options(capsys):
         assert e.value.code == 2 and msg in err and "Traceback" not in err, err
 
 
-def test_extension_hook(monkeypatch):
-    calls = []
-    monkeypatch.setattr(cli, "_extensions", [])
-    cli.register_extension(lambda p: p.add_argument("--incoming"),
-                           lambda args, m: calls.append(args.incoming) or False)
-    a = cli.build_parser().parse_args(["--incoming", "tcp:1.2.3.4:5"])
-    assert a.incoming == "tcp:1.2.3.4:5"
+def test_migration_and_cpu_options_are_run_guests():
+    a = cli.build_parser().parse_args(["--incoming", "tcp:1.2.3.4:5", "--cpus", "2"])
+    assert a.incoming == "tcp:1.2.3.4:5" and a.cpus == 2
 
 
 def test_no_kvm_is_a_usage_error(monkeypatch, capsys):

@@ -267,3 +267,9 @@ def test_guest_writing_above_4g_migrates():
     finally:
         src.close()
         dst.close()
+
+
+def test_machine_implements_the_migration_contracts():
+    from hv.migration.contract import DestinationMachine, KvmSourceMachine
+    with make_machine() as m:
+        assert isinstance(m, KvmSourceMachine) and isinstance(m, DestinationMachine)

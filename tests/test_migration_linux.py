@@ -9,7 +9,6 @@ re-checks every byte it holds. The second runs an interactive shell with
 makes its hold verify.
 """
 
-import base64
 import threading
 import time
 
@@ -17,6 +16,7 @@ import pytest
 
 from conftest import Console
 from loopback import migrate_over_loopback
+from hv.images import exec_arg
 from hv.memory import PAGE_SIZE
 from hv.migration.protocol import MigrationError
 from hv.migration.transport import listen
@@ -39,7 +39,7 @@ def new_machine(images, console, boot=False, command=HOLD_CMD):
     an interactive shell when command is None."""
     from hv.machine import Machine, MachineConfig
     kernel, initrd = images
-    append = "hv.exec=" + base64.b64encode(command.encode()).decode() if command else ""
+    append = exec_arg(command) if command else ""
     m = Machine(MachineConfig(mem_mib=MEM_MIB, kernel=kernel, initrd=initrd, balloon=True,
                               append=append))
     m.console_listeners.append(console)

@@ -397,3 +397,13 @@ def test_silent_and_garbage_connections_do_not_stop_the_source():
     assert silent.recv(1) == b""              # dropped once its handshake time was up
     silent.close()
     garbage.close()
+
+
+def test_fakes_implement_the_machine_contracts():
+    from hv.migration.contract import DestinationMachine, SourceMachine
+    src = FakeSource()
+    try:
+        assert isinstance(src, SourceMachine)
+        assert isinstance(FakeDest(), DestinationMachine)
+    finally:
+        src.close()

@@ -1,4 +1,4 @@
-"""run-guest's live-migration options (a hv.cli extension).
+"""run-guest's live-migration options (hv.cli adds them and calls setup()).
 
     run-guest --mem 256 --balloon --control /tmp/src.sock      source; then QMP
         {"execute": "migrate", "arguments": {"uri": "tcp:HOST:PORT"}}
@@ -84,11 +84,3 @@ def setup(args, machine) -> bool:
     else:
         inc.run(uri)
     return True
-
-
-def _register() -> None:
-    from .. import cli
-    cli.register_extension(add_arguments, setup)
-
-
-_register()

@@ -6,13 +6,14 @@ the guest workload command, verify_ok(line) for hvmem's check."""
 
 from __future__ import annotations
 
-import base64
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+
+from ..images import exec_arg  # noqa: F401 (the scripts' encoder of hv.exec)
 
 #: hvmem hold's answer to "verify" when every byte it holds is intact (a line)
 VERIFY_OK = "hvmem: verify ok"
@@ -27,8 +28,6 @@ def workload(keep_mib: int, fill_mib: int) -> str:
     return f"hvmem fill {fill_mib} --free && exec hvmem hold {keep_mib}"
 
 
-def exec_arg(command: str) -> str:
-    return "hv.exec=" + base64.b64encode(command.encode()).decode()
 
 
 def in_netns(ns: str | None):

@@ -42,6 +42,8 @@ from . import pages
 from .protocol import (
     FEATURE_VERIFY, FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError,
     Ranges, cancel as cancel_msg, error as error_msg)
+from .contract import SourceMachine
+from .dirty_log import dirty_log_for
 from .state_codec import state_message
 from .transport import SocketStream, connect, parse_uri
 from ..machine import PAUSE_MIGRATION, PAUSE_USER
@@ -121,210 +123,6 @@ class MigrationParams:
         return cls(**checked)
 
 
-# ------------------------------------------------------------- dirty logs
-
-class VmmDirtyLog:
-    """Only the VMM's own writes (GuestMemory.take_dirty_bitmap): for machines
-    without KVM, and ORed into the KVM logs below.
-
-    sync(parked) returns the pages dirtied since the last sync; parked says
-    that every vCPU is out of KVM_RUN (the final sync, inside the pause)."""
-
-    kind = "vmm"
-
-    def __init__(self, machine):
-        self.memory = machine.memory
-        self.npages = self.memory.npages
-
-    def start(self) -> None:
-        self.memory.take_dirty_bitmap()
-
-    def sync(self, parked: bool = False) -> np.ndarray:
-        return pages.as_bitmap(self.memory.take_dirty_bitmap(), self.npages)
-
-    def stop(self) -> None:
-        pass
-
-
-class KvmDirtyLog(VmmDirtyLog):
-    """KVM_GET_DIRTY_LOG on every RAM slot, with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
-    when offered: a sync reads the log, then re-protects exactly those pages
-    with KVM_CLEAR_DIRTY_LOG before they are sent. Each slot's log lands in
-    the guest-physical bitmap at the slot's first page."""
-
-    kind = "bitmap"
-
-    def __init__(self, machine):
-        super().__init__(machine)
-        self.machine = machine
-        self.vm = machine.vm
-        self.manual = False
-        if getattr(self.vm, "dirty_ring_bytes", 0) and not isinstance(self, RingDirtyLog):
-            raise MigrationError(
-                'dirty_log "bitmap": this guest was started with a dirty ring (run-guest '
-                '--dirty-ring), and KVM offers no dirty bitmap then; migrate with dirty_log '
-                '"ring" or "auto"')
-
-    def _set_logging(self, on: bool) -> None:
-        self.machine.set_dirty_logging(on)
-
-    def start(self) -> None:
-        from .._kvm import lib
-        if getattr(self.vm, "manual_dirty_log_protect", False):
-            self.manual = True
-        elif self.vm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
-            try:
-                self.vm.enable_manual_dirty_log_protect(initially_set=False)
-                self.manual = True
-            except OSError:
-                self.manual = False
-        self._set_logging(True)
-        super().start()
-
-    def _slots(self) -> list[tuple[int, int, int]]:
-        """(slot, first pfn, pages) of guest RAM."""
-        return [(slot, gpa // PAGE_SIZE, size // PAGE_SIZE)
-                for slot, gpa, size in self.machine.memory_slots()]
-
-    def sync(self, parked: bool = False) -> np.ndarray:
-        bm = pages.empty_bitmap(self.npages)
-        for slot, first, n in self._slots():
-            kvm = pages.as_bitmap(self.vm.get_dirty_log(slot, n), n)
-            if self.manual and pages.count(kvm):
-                self.vm.clear_dirty_log(slot, 0, n, kvm)
-            # slots start on a multiple of 64 pages: whole words
-            bm[first // 64:first // 64 + len(kvm)] |= kvm
-        pages.or_into(bm, super().sync())
-        return bm
-
-    def stop(self) -> None:
-        try:
-            self._set_logging(False)
-        except OSError:
-            pass
-
-
-class RingDirtyLog(KvmDirtyLog):
-    """The per-vCPU dirty rings (the machine must have been created with them).
-
-    From before logging goes on until it is off again, every ring is
-    harvested into the pending set: on a full ring by the vCPU's own thread
-    (machine.dirty_ring_full_handler), every HARVEST_INTERVAL_S by a
-    harvester thread so that rings rarely fill, and by sync(). A harvested
-    entry is reset (its page write-protected again) before sync() returns,
-    so before the page is read for sending. A ring that KVM overfilled may
-    have lost entries: the next sync then reports every page dirty."""
-
-    HARVEST_INTERVAL_S = 0.005
-    kind = "ring"
-
-    def __init__(self, machine):
-        super().__init__(machine)
-        # checked here so that the migrate command refuses at once
-        if not getattr(self.vm, "dirty_ring_bytes", 0):
-            raise MigrationError("dirty_log \"ring\" needs a machine created with a dirty ring "
-                                 "(run-guest --dirty-ring BYTES, MachineConfig.dirty_ring_bytes:"
-                                 " KVM_CAP_DIRTY_LOG_RING is enabled before the vCPUs exist)")
-        self._pending = np.zeros(self.npages, dtype=bool)
-        self._plock = threading.Lock()
-        self._slot_list = self._slots()
-        self._overflowed = False
-        self._stop_harvester = threading.Event()
-        self._harvester: threading.Thread | None = None
-        self.stats = {"ring_full_exits": 0, "overflows": 0, "harvested": 0}
-
-    def start(self) -> None:
-        # The handler first: no full ring is emptied without us from the
-        # moment logging is on.
-        self.machine.dirty_ring_full_handler = self._on_full
-        self._set_logging(True)
-        VmmDirtyLog.start(self)
-        self._harvester = threading.Thread(target=self._harvest_loop, name="hv-ring-harvest",
-                                           daemon=True)
-        self._harvester.start()
-
-    def _take(self, slots: np.ndarray, offsets: np.ndarray) -> None:
-        for slot, first, n in self._slot_list:
-            offs = offsets[(slots == slot) & (offsets < n)]
-            self._pending[first + offs.astype(np.int64)] = True
-            self.stats["harvested"] += len(offs)
-
-    def _harvest_parked(self, vcpu) -> None:
-        slots, offsets, overflowed = vcpu.harvest_parked_dirty_ring()
-        self._take(slots, offsets)
-        if overflowed:
-            self._overflowed = True
-            self.stats["overflows"] += 1
-
-    def _on_full(self, vcpu) -> None:
-        """KVM_EXIT_DIRTY_RING_FULL, on the vCPU's own thread."""
-        with self._plock:
-            self.stats["ring_full_exits"] += 1
-            self._harvest_parked(vcpu)
-            self.vm.reset_dirty_rings()
-
-    def _harvest_loop(self) -> None:
-        while not self._stop_harvester.wait(self.HARVEST_INTERVAL_S):
-            try:
-                with self._plock:
-                    for vcpu in self.machine.vcpus:
-                        self._take(*vcpu.harvest_dirty_ring_arrays())
-                    self.vm.reset_dirty_rings()
-            except OSError:      # the VM is going away
-                return
-
-    def sync(self, parked: bool = False) -> np.ndarray:
-        from ..memory import pack_bitmap
-        with self._plock:
-            for vcpu in self.machine.vcpus:
-                if parked:
-                    self._harvest_parked(vcpu)
-                else:
-                    self._take(*vcpu.harvest_dirty_ring_arrays())
-            self.vm.reset_dirty_rings()
-            bits, self._pending = self._pending, np.zeros(self.npages, dtype=bool)
-            overflowed, self._overflowed = self._overflowed, False
-        if overflowed:
-            return self.memory.ram_bitmap()
-        bm = pages.as_bitmap(pack_bitmap(bits), self.npages)
-        pages.or_into(bm, VmmDirtyLog.sync(self))
-        return bm
-
-    def stop(self) -> None:
-        self._stop_harvester.set()
-        if self._harvester is not None and self._harvester is not threading.current_thread():
-            self._harvester.join(1.0)
-        super().stop()
-        if getattr(self.machine, "dirty_ring_full_handler", None) == self._on_full:
-            self.machine.dirty_ring_full_handler = None
-
-
-def dirty_log_for(machine, kind: str):
-    """The dirty log a migration of machine uses; MigrationError (before
-    anything changes) when that kind cannot work for this machine."""
-    vm = getattr(machine, "vm", None)
-    if kind == "vmm" or vm is None:
-        return VmmDirtyLog(machine)
-    if kind == "ring" or (kind == "auto" and getattr(vm, "dirty_ring_bytes", 0)):
-        return RingDirtyLog(machine)
-    return KvmDirtyLog(machine)
-
-
-def find_balloon(machine):
-    b = getattr(machine, "balloon", None)
-    if b is not None:
-        return b
-    for bus_name in ("mmio",):
-        bus = getattr(machine, bus_name, None)
-        if bus is None:
-            continue
-        for _, _, dev in bus.devices():
-            d = getattr(dev, "device", dev)
-            if hasattr(d, "request_free_page_bitmap"):
-                return d
-    return None
-
-
 # ---------------------------------------------------------------- migration
 
 @dataclass
@@ -379,7 +177,7 @@ class Migration:
     listeners: fn(event, data) for every ("MIGRATION", {"status": s}) and
     ("MIGRATION_PASS", {"pass": n}), called from the migration's thread."""
 
-    def __init__(self, machine, params: MigrationParams):
+    def __init__(self, machine: SourceMachine, params: MigrationParams):
         self.machine = machine
         self.p = params
         self.memory = machine.memory
@@ -702,7 +500,7 @@ class Migration:
         mode = self.p.free_pages
         if mode == "off":
             return None
-        b = self._balloon = find_balloon(self.machine)
+        b = self._balloon = self.machine.balloon
         if b is None:
             self._note_free("no virtio-balloon device: free pages are not skipped")
             return None
