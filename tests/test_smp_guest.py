@@ -1,0 +1,91 @@
+"""A Linux guest with two vCPUs: both CPUs come up (INIT/SIPI through the
+in-kernel LAPIC), user work pinned to each runs there, and the guest
+migrates with a writer on each CPU, with KVM's bitmap and with per-vCPU
+dirty rings, verified."""
+
+import time
+
+import pytest
+
+from conftest import Console
+from loopback import migrate_over_loopback
+
+pytestmark = [pytest.mark.kvm, pytest.mark.linux]
+
+MEM_MIB = 128
+KEEP_MIB, DIRTY_MIB, DIRTY_RATE = 4, 4, 1000
+RING_BYTES = 64 * 1024
+
+
+def new_machine(images, console, ring: bool, boot=False):
+    from hv.machine import Machine, MachineConfig
+    kernel, initrd = images
+    m = Machine(MachineConfig(mem_mib=MEM_MIB, cpus=2, kernel=kernel, initrd=initrd,
+                              balloon=True, dirty_ring_bytes=RING_BYTES if ring else 0))
+    m.console_listeners.append(console)
+    if boot:
+        m.boot()
+        m.start()
+    return m
+
+
+def shell(g, command: str, answer: str, timeout=300) -> str:
+    mark = g["console"].mark()
+    g["machine"].console_input(command.encode() + b"\n")
+    return g["console"].wait_line(answer, timeout, mark)
+
+
+@pytest.fixture(scope="module", params=["bitmap", "ring"])
+def smp_guest(request, linux_images):
+    console = Console()
+    ring = request.param == "ring"
+    m = new_machine(linux_images, console, ring, boot=True)
+    g = {"machine": m, "console": console, "ring": ring, "images": linux_images, "old": []}
+    try:
+        console.wait_for("hv-guest: ready", timeout=900)
+        yield g
+    finally:
+        for x in g["old"] + [g["machine"]]:
+            try:
+                x.close()
+            except Exception:
+                pass
+
+
+def test_both_cpus_run_pinned_work(smp_guest):
+    g = smp_guest
+    assert shell(g, "echo cpus-$(grep -c ^processor /proc/cpuinfo)", "cpus-") == "cpus-2"
+    # field 39 of /proc/self/stat: the CPU the reading process runs on
+    for mask, cpu in (("1", "0"), ("2", "1")):
+        line = shell(g, f"taskset {mask} awk '{{print \"on-cpu-\" $39}}' /proc/self/stat",
+                     "on-cpu-")
+        assert line == f"on-cpu-{cpu}", line
+
+
+def test_migrates_with_a_writer_on_each_cpu(smp_guest):
+    g = smp_guest
+    if "HOLD" not in g:
+        shell(g, f"taskset 1 hvmem hold {KEEP_MIB} </dev/null & HOLD=$!",
+              f"hvmem: hold {KEEP_MIB} MiB checksum=")
+        for mask in ("1", "2"):
+            shell(g, f"taskset {mask} hvmem dirty {DIRTY_MIB} {DIRTY_RATE} </dev/null &",
+                  f"hvmem: dirtying {DIRTY_MIB} MiB")
+        g["HOLD"] = True
+        time.sleep(1)
+    src = g["machine"]
+    dst = new_machine(g["images"], g["console"], g["ring"])
+    q, res = migrate_over_loopback(src, dst, timeout=120, free_pages="bitmap", verify=True,
+                                   downtime_ms=300, downtime_strategy="force")
+    print(f"\n2 vCPUs, {q['dirty_log']}: {q['status']} rounds "
+          f"{[r['pages'] for r in q['rounds']]} downtime {q['downtime_ms']} ms")
+    if q["status"] != "completed":
+        g["old"].append(dst)
+        pytest.fail(f"migration failed: {q['error']}")
+    g["old"].append(src)
+    g["machine"] = dst
+    assert res["rx"].verified and q["dirty_log"] == ("ring" if g["ring"] else "bitmap")
+    assert len(res["rx"].machine_state["vcpus"]) == 2
+    assert shell(g, "kill -USR1 $HOLD", "hvmem: verify ", 120) == "hvmem: verify ok"
+    assert shell(g, "echo cpus-$(grep -c ^processor /proc/cpuinfo)", "cpus-") == "cpus-2"
+    line = shell(g, "taskset 2 awk '{print \"on-cpu-\" $39}' /proc/self/stat", "on-cpu-")
+    assert line == "on-cpu-1", line
