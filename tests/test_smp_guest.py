@@ -15,6 +15,8 @@ pytestmark = [pytest.mark.kvm, pytest.mark.linux]
 MEM_MIB = 128
 KEEP_MIB, DIRTY_MIB, DIRTY_RATE = 4, 4, 1000
 RING_BYTES = 64 * 1024
+CPUS = 'echo "cp""us=$(grep -c ^processor /proc/cpuinfo)"'
+ON_CPU = "awk '{print \"on-\" \"cpu-\" $39}' /proc/self/stat"
 
 
 def new_machine(images, console, ring: bool, boot=False):
@@ -30,6 +32,8 @@ def new_machine(images, console, ring: bool, boot=False):
 
 
 def shell(g, command: str, answer: str, timeout=300) -> str:
+    """Type command; the first whole line starting with answer (split the
+    answer in the command, "ans""wer", so that its echo does not match)."""
     mark = g["console"].mark()
     g["machine"].console_input(command.encode() + b"\n")
     return g["console"].wait_line(answer, timeout, mark)
@@ -54,11 +58,10 @@ def smp_guest(request, linux_images):
 
 def test_both_cpus_run_pinned_work(smp_guest):
     g = smp_guest
-    assert shell(g, "echo cpus-$(grep -c ^processor /proc/cpuinfo)", "cpus-") == "cpus-2"
+    assert shell(g, CPUS, "cpus=") == "cpus=2"
     # field 39 of /proc/self/stat: the CPU the reading process runs on
     for mask, cpu in (("1", "0"), ("2", "1")):
-        line = shell(g, f"taskset {mask} awk '{{print \"on-cpu-\" $39}}' /proc/self/stat",
-                     "on-cpu-")
+        line = shell(g, f"taskset {mask} {ON_CPU}", "on-cpu-")
         assert line == f"on-cpu-{cpu}", line
 
 
@@ -86,6 +89,6 @@ def test_migrates_with_a_writer_on_each_cpu(smp_guest):
     assert res["rx"].verified and q["dirty_log"] == ("ring" if g["ring"] else "bitmap")
     assert len(res["rx"].machine_state["vcpus"]) == 2
     assert shell(g, "kill -USR1 $HOLD", "hvmem: verify ", 120) == "hvmem: verify ok"
-    assert shell(g, "echo cpus-$(grep -c ^processor /proc/cpuinfo)", "cpus-") == "cpus-2"
-    line = shell(g, "taskset 2 awk '{print \"on-cpu-\" $39}' /proc/self/stat", "on-cpu-")
+    assert shell(g, CPUS, "cpus=") == "cpus=2"
+    line = shell(g, f"taskset 2 {ON_CPU}", "on-cpu-")
     assert line == "on-cpu-1", line
