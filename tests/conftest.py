@@ -138,7 +138,7 @@ def linux_guest(linux_images):
     m.boot()
     m.start()
     try:
-        console.wait_for("hv-guest: ready", timeout=300)
+        console.wait_for("hv-guest: ready", timeout=900)
     except TimeoutError:
         m.stop()
         raise

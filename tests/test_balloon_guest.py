@@ -58,7 +58,7 @@ class Guest:
                     raise TimeoutError(f"{needle!r} not seen (guest {self.m.status}); "
                                        f"console tail:\n{tail}") from None
 
-    def run(self, cmd: str, timeout: float = 180) -> str:
+    def run(self, cmd: str, timeout: float = 600) -> str:
         """Type cmd into the guest's shell; return what it printed."""
         self._n += 1
         tag = f"HVT{self._n}"

@@ -74,7 +74,7 @@ def test_the_same_qmp_script_drives_hv_and_qemu(vmm, tmp_path):
         src = start("src")
         start("dst1", "defer")
         dst2 = start("dst2", "defer")
-        src.wait_for(READY, 120)
+        src.wait_for(READY, 600)
         with H.control(socks["src"]) as s, H.control(socks["dst1"]) as d1, \
                 H.control(socks["dst2"]) as d2:
             assert s.greeting["QMP"]["version"]["qemu"]["major"] >= 7
