@@ -13,7 +13,6 @@ client storms the source with stop and cont. After each hop:
 - the source never runs again: postmigrate, cont refused, its vCPUs idle.
 """
 
-import base64
 import itertools
 import threading
 import time

@@ -345,7 +345,6 @@ class SlowlyPrefaulted(GuestMemory):
     still running when the first pages arrive."""
 
     def populate(self, stop=None, step=64 << 10):
-        import mmap
         import time
         from hv.memory import MADV_POPULATE_WRITE
         for start in range(0, self.size, step):

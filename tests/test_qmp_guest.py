@@ -7,7 +7,6 @@ is the Linux image with 64 MiB."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import time
