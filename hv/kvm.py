@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -508,7 +509,10 @@ class Vcpu:
         self.run_struct = ffi.cast("struct kvm_run *", p)
         self._ring_map = None
         self.dirty_ring = None
-        self._ring_index = 0
+        # the stuck-ring recovery of drain_full_dirty_ring()
+        self._ring_taken = 0
+        self._empty_full_since: int | None = None
+        self._stuck_reset_pos: int | None = None
         if vm.dirty_ring_bytes:
             size = vm.dirty_ring_bytes
             q = lib.mmap(ffi.NULL, size, lib.PROT_READ | lib.PROT_WRITE, lib.MAP_SHARED,
@@ -742,62 +746,106 @@ class Vcpu:
         _check(lib.hv_ioctl_val(self.fd, lib.KVM_KVMCLOCK_CTRL, 0), "KVM_KVMCLOCK_CTRL")
 
     # -- dirty ring ------------------------------------------------------------
-    def harvest_dirty_ring_arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        """Like harvest_dirty_ring() but as (slots, offsets) numpy arrays. Safe
-        while the vCPU runs: entries are taken in KVM's push order from where
-        the last harvest stopped, up to the first one not yet published."""
-        ring = self.dirty_ring
-        if ring is None:
-            return np.zeros(0, np.uint32), np.zeros(0, np.uint64)
-        n = len(ring)
-        start = self._ring_index % n
-        order = np.concatenate((np.arange(start, n), np.arange(0, start)))
-        flags = ring["flags"][order]
-        clean = np.flatnonzero((flags & lib.KVM_DIRTY_GFN_F_DIRTY) == 0)
-        count = int(clean[0]) if len(clean) else n
-        idx = order[:count]
-        slots = ring["slot"][idx].copy()
-        offsets = ring["offset"][idx].copy()
-        ring["flags"][idx] = lib.KVM_DIRTY_GFN_F_RESET
-        self._ring_index += count
-        return slots, offsets
+    # KVM's ring keeps two counters: dirty_index (next push) and reset_index
+    # (next entry KVM_RESET_DIRTY_RINGS re-protects). The reset walks on while
+    # entries are marked harvested, with no bound at dirty_index; the vCPU
+    # exits DIRTY_RING_FULL while dirty_index - reset_index (u32) is at or
+    # above the soft limit. So only entries KVM published may be marked
+    # harvested: one marked ahead of dirty_index drives reset_index past it,
+    # the difference underflows and the ring stays full for good.
 
-    def harvest_parked_dirty_ring(self) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Harvest the whole ring of a vCPU that is out of KVM_RUN (its own
-        thread, or any thread while it is parked): every published entry,
-        wherever it stands. Returns (slots, offsets, overflowed).
-
-        Some KVMs (the nested one hv's CI runs on, for writes its instruction
-        emulator makes) push past the soft limit and wrap, overwriting
-        entries nobody harvested; KVM then waits for a reset of an entry that
-        is already reset and exits with DIRTY_RING_FULL forever. Taking every
-        published entry and marking the whole ring harvested lets the next
-        KVM_RESET_DIRTY_RINGS catch up. overflowed says that every entry was
-        published: entries may have been overwritten, so the caller must take
-        every page as dirty. The in-order index is re-synchronised to KVM's
-        push position when the published entries form one run."""
+    def harvest_dirty_ring_arrays(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Take every entry KVM published to this vCPU's ring, wherever it
+        stands, and mark it harvested; call Vm.reset_dirty_rings() afterwards
+        to let KVM reuse the entries and write-protect the pages again.
+        Returns (slots, offsets, overflowed). Safe while the vCPU runs: KVM
+        writes slot and offset before the DIRTY flag, and x86 keeps loads in
+        order. overflowed says every entry was published: a KVM that pushes
+        past the soft limit (this nested one does, for writes its instruction
+        emulator makes) may have overwritten entries, so the caller must take
+        every page as dirty."""
         ring = self.dirty_ring
         if ring is None:
             return np.zeros(0, np.uint32), np.zeros(0, np.uint64), False
-        n = len(ring)
         flags = ring["flags"]
-        published = (flags & lib.KVM_DIRTY_GFN_F_DIRTY) != 0
-        idx = np.flatnonzero(published)
+        idx = np.flatnonzero((flags & lib.KVM_DIRTY_GFN_F_DIRTY) != 0)
         slots = ring["slot"][idx].copy()
         offsets = ring["offset"][idx].copy()
-        overflowed = len(idx) == n
-        if 0 < len(idx) < n:
-            # run starts: published entries whose predecessor (cyclically) is not
-            starts = np.flatnonzero(published & ~np.roll(published, 1))
-            if len(starts) == 1:
-                self._ring_index = int(starts[0]) + len(idx)
-        ring["flags"][:] = lib.KVM_DIRTY_GFN_F_RESET
-        return slots, offsets, overflowed
+        flags[idx] = lib.KVM_DIRTY_GFN_F_RESET
+        self._ring_taken += len(idx)
+        return slots, offsets, len(idx) == len(ring)
 
     def harvest_dirty_ring(self) -> list[tuple[int, int]]:
-        """Collect the (slot, page offset) entries KVM pushed to this vCPU's dirty
-        ring (mmapped at KVM_DIRTY_LOG_PAGE_OFFSET) and mark them harvested
-        (KVM_DIRTY_GFN_F_RESET); call Vm.reset_dirty_rings() afterwards to let
-        KVM reuse them and write-protect the pages again."""
-        slots, offsets = self.harvest_dirty_ring_arrays()
+        """harvest_dirty_ring_arrays() as a list of (slot, page offset)."""
+        slots, offsets, _ = self.harvest_dirty_ring_arrays()
         return list(zip(slots.tolist(), offsets.tolist()))
+
+    def drain_full_dirty_ring(self, reset: Callable[[], int]) -> tuple[np.ndarray, np.ndarray, bool]:
+        """On this vCPU's DIRTY_RING_FULL exit (its own thread, out of
+        KVM_RUN): harvest, call reset (Vm.reset_dirty_rings), and return
+        (slots, offsets, lost). lost says entries were overwritten before
+        anyone could read them: take every page as dirty.
+
+        A KVM that overfilled its ring can also leave reset_index on an
+        entry it already reset, with the ring still soft-full: nothing is
+        published, nothing can be reset, the vCPU exits full forever. A
+        second full exit with nothing published, with no harvest having taken
+        an entry of this ring since the first (which may have raced with a
+        harvester's reset), is that state: the vCPU ran nothing in between.
+        reset_index is then found by marking one entry at a time until a
+        reset takes it, and stepped on by small blocks, one block per full
+        exit, so that it stops short of dirty_index, never past it. Once the
+        vCPU runs and pushes again, the rest of the emptied entries up to the
+        first it pushed are marked too, and the reset catches up. The
+        entries stepped over are lost."""
+        slots, offsets, lost = self.harvest_dirty_ring_arrays()
+        if self._stuck_reset_pos is not None and self._mark_stepped_holes():
+            lost = True
+        reset()
+        if len(offsets):
+            self._empty_full_since = None
+            self._stuck_reset_pos = None
+            return slots, offsets, lost
+        if self._empty_full_since == self._ring_taken:
+            # empty twice, and no harvest took anything of this ring between
+            self._step_stuck_reset_index(reset)
+            return slots, offsets, True
+        self._empty_full_since = self._ring_taken
+        self._stuck_reset_pos = None
+        return slots, offsets, lost
+
+    RING_STEP_ENTRIES = 16
+
+    def _mark_stepped_holes(self) -> bool:
+        """Mark harvested the emptied entries between the stepped reset_index
+        and the first entry KVM pushed since; False if it pushed none yet."""
+        flags = self.dirty_ring["flags"]
+        n = len(flags)
+        order = (self._stuck_reset_pos + np.arange(n)) % n
+        pushed = np.flatnonzero(flags[order] != 0)
+        if not len(pushed):
+            return False
+        flags[order[:pushed[0]]] = lib.KVM_DIRTY_GFN_F_RESET
+        self._stuck_reset_pos = None
+        return True
+
+    def _step_stuck_reset_index(self, reset: Callable[[], int]) -> None:
+        ring = self.dirty_ring
+        n = len(ring)
+        flags = ring["flags"]
+        if self._stuck_reset_pos is None:
+            for i in range(n):
+                flags[i] = lib.KVM_DIRTY_GFN_F_RESET
+                reset()
+                if flags[i] == 0:
+                    self._stuck_reset_pos = (i + 1) % n
+                    return
+                flags[i] = 0
+            return              # no entry was taken: nothing stepped, nothing lost
+        pos = self._stuck_reset_pos
+        block = (pos + np.arange(min(self.RING_STEP_ENTRIES, n))) % n
+        flags[block] = lib.KVM_DIRTY_GFN_F_RESET
+        reset()
+        taken = block[flags[block] == 0]
+        flags[block] = 0        # what the reset did not take stays unpublished
+        self._stuck_reset_pos = (pos + len(taken)) % n

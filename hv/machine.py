@@ -722,8 +722,7 @@ class Machine:
                 if handler is not None:
                     handler(vcpu)
                 else:       # no migration wants the pages: empty the ring
-                    vcpu.harvest_parked_dirty_ring()
-                    self.vm.reset_dirty_rings()
+                    vcpu.drain_full_dirty_ring(self.vm.reset_dirty_rings)
             elif kind is K.InternalError:
                 self.error = self.describe_failure(vcpu, ex)
                 log.error("%s", self.error)

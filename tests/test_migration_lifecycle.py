@@ -256,37 +256,108 @@ def test_ring_guest_refuses_the_bitmap_before_anything_changes(machines):
     assert not src.dirty_logging and runs(src)
 
 
-class FakeRingVcpu:
-    """What Vcpu.harvest_parked_dirty_ring works on: a ring and an index."""
+class KvmRingModel:
+    """KVM's dirty ring as virt/kvm/dirty_ring.c keeps it: push at
+    dirty_index, soft-full at dirty_index - reset_index (u32) >= the soft
+    limit, and a reset that walks on while entries are marked harvested,
+    with no bound at dirty_index. push() can overfill, as the nested KVM
+    hv runs on does for writes its instruction emulator makes."""
 
-    def __init__(self, n):
-        from hv.kvm import DIRTY_GFN_DTYPE
-        self.dirty_ring = np.zeros(n, dtype=DIRTY_GFN_DTYPE)
-        self._ring_index = 0
+    def __init__(self, n=64, reserved=8):
+        from hv._kvm import lib
+        from hv.kvm import DIRTY_GFN_DTYPE, Vcpu
+        self.lib = lib
+        self.n, self.soft_limit = n, n - reserved
+        self.ring = np.zeros(n, dtype=DIRTY_GFN_DTYPE)
+        self.dirty_index = self.reset_index = 0
+        self.vcpu = Vcpu.__new__(Vcpu)
+        self.vcpu.dirty_ring = self.ring
+        self.vcpu._ring_taken = 0
+        self.vcpu._empty_full_since = None
+        self.vcpu._stuck_reset_pos = None
+
+    def used(self):
+        return (self.dirty_index - self.reset_index) % 2**32
+
+    def full(self):
+        return self.used() >= self.soft_limit
+
+    def push(self, offset):
+        e = self.ring[self.dirty_index % self.n]
+        e["slot"], e["offset"] = 0, offset
+        e["flags"] = self.lib.KVM_DIRTY_GFN_F_DIRTY
+        self.dirty_index += 1
+
+    def reset(self):
+        count = 0
+        while self.ring["flags"][self.reset_index % self.n] & self.lib.KVM_DIRTY_GFN_F_RESET:
+            self.ring["flags"][self.reset_index % self.n] = 0
+            self.reset_index += 1
+            count += 1
+        return count
+
+    def run_until_full(self, offsets):
+        """The vCPU runs: pushes until the ring is soft-full, then exits."""
+        for o in offsets:
+            if self.full():
+                return
+            self.push(o)
+
+    def drain(self):
+        return self.vcpu.drain_full_dirty_ring(self.reset)
 
 
-def test_overfilled_ring_is_recovered():
-    from hv._kvm import lib
-    from hv.kvm import Vcpu
-    n = 64
-    v = FakeRingVcpu(n)
-    ring = v.dirty_ring
-    # KVM wrapped: every entry published, some overwritten
-    ring["flags"] = lib.KVM_DIRTY_GFN_F_DIRTY
-    ring["offset"] = np.arange(n) + 100
-    slots, offsets, overflowed = Vcpu.harvest_parked_dirty_ring(v)
-    assert overflowed and len(offsets) == n
-    assert (ring["flags"] == lib.KVM_DIRTY_GFN_F_RESET).all()
-    # KVM reset what it could and pushes on from slot 10: found, index re-synced
-    ring["flags"] = 0
-    ring["flags"][10:20] = lib.KVM_DIRTY_GFN_F_DIRTY
-    slots, offsets, overflowed = Vcpu.harvest_parked_dirty_ring(v)
-    assert not overflowed and list(offsets) == list(range(110, 120))
-    assert v._ring_index % n == 20
-    ring["flags"] = 0
-    ring["flags"][20:23] = lib.KVM_DIRTY_GFN_F_DIRTY
-    ring["offset"][20:23] = [7, 8, 9]
-    assert list(Vcpu.harvest_dirty_ring_arrays(v)[1]) == [7, 8, 9]
+def test_a_full_ring_is_drained_without_passing_kvms_push_index():
+    m = KvmRingModel()
+    m.run_until_full(range(1000, 2000))
+    assert m.full()
+    slots, offsets, lost = m.drain()
+    assert list(offsets) == list(range(1000, 1000 + m.soft_limit)) and not lost
+    # Marking the never-pushed entries harvested too would walk reset_index
+    # past dirty_index: used() underflows and the vCPU exits full for good.
+    assert m.used() == 0 and not m.full()
+    for round_ in range(5):         # and so on, round after round
+        m.run_until_full(range(round_ * 100, round_ * 100 + 100))
+        assert len(m.drain()[1]) == m.soft_limit and m.used() == 0
+
+
+def test_an_overfilled_ring_reports_loss_and_recovers():
+    m = KvmRingModel(n=64, reserved=8)
+    for o in range(64 + 60):         # wrapped: 60 entries overwritten
+        m.push(o)
+    slots, offsets, lost = m.drain()
+    assert lost and len(offsets) == 64
+    # reset took one lap; the 60 overwritten entries are gone, yet counted
+    assert m.full() and not (m.ring["flags"] & m.lib.KVM_DIRTY_GFN_F_DIRTY).any()
+    exits = 0
+    while m.full():
+        exits += 1
+        assert exits < 50, "the vCPU exits DIRTY_RING_FULL forever"
+        slots, offsets, lost = m.drain()
+        assert len(offsets) == 0
+        assert 0 <= m.used() < 2**31, "reset_index ran past dirty_index"
+        if exits > 1:
+            assert lost
+    # runs again, and its pushes are harvested as usual
+    m.run_until_full(range(500, 600))
+    slots, offsets, lost = m.drain()
+    assert set(offsets) >= set(range(500, 500 + 10)) and not m.full()
+
+
+def test_an_empty_full_exit_that_raced_a_harvester_steps_nothing():
+    m = KvmRingModel()
+    m.run_until_full(range(100))
+    # a harvester took the ring and reset it after KVM decided to exit
+    m.vcpu.harvest_dirty_ring_arrays()
+    m.reset()
+    assert len(m.drain()[1]) == 0 and m.used() == 0
+    # the vCPU ran on, the harvester took its pushes again before the exit
+    m.run_until_full(range(100, 200))
+    m.vcpu.harvest_dirty_ring_arrays()
+    m.reset()
+    slots, offsets, lost = m.drain()
+    assert len(offsets) == 0 and not lost
+    assert m.used() == 0, "an entry never pushed was stepped over"
 
 
 def test_verify_hashes_only_the_final_round_while_paused(machines, monkeypatch):

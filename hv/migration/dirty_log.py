@@ -24,8 +24,7 @@ class VmmDirtyLog:
     """Only the VMM's own writes (GuestMemory.take_dirty_bitmap): for machines
     without KVM, and ORed into the KVM logs below.
 
-    sync(parked) returns the pages dirtied since the last sync; parked says
-    that every vCPU is out of KVM_RUN (the final sync, inside the pause)."""
+    sync() returns the pages dirtied since the last sync."""
 
     kind = "vmm"
 
@@ -36,7 +35,7 @@ class VmmDirtyLog:
     def start(self) -> None:
         self.memory.take_dirty_bitmap()
 
-    def sync(self, parked: bool = False) -> np.ndarray:
+    def sync(self) -> np.ndarray:
         return pages.as_bitmap(self.memory.take_dirty_bitmap(), self.npages)
 
     def stop(self) -> None:
@@ -83,7 +82,7 @@ class KvmDirtyLog(VmmDirtyLog):
         return [(slot, gpa // PAGE_SIZE, size // PAGE_SIZE)
                 for slot, gpa, size in self.machine.memory_slots()]
 
-    def sync(self, parked: bool = False) -> np.ndarray:
+    def sync(self) -> np.ndarray:
         bm = pages.empty_bitmap(self.npages)
         for slot, first, n in self._slots():
             kvm = pages.as_bitmap(self.vm.get_dirty_log(slot, n), n)
@@ -140,16 +139,12 @@ class RingDirtyLog(KvmDirtyLog):
                                            daemon=True)
         self._harvester.start()
 
-    def _take(self, slots: np.ndarray, offsets: np.ndarray) -> None:
+    def _take(self, slots: np.ndarray, offsets: np.ndarray, lost: bool) -> None:
         for slot, first, n in self._slot_list:
             offs = offsets[(slots == slot) & (offsets < n)]
             self._pending[first + offs.astype(np.int64)] = True
             self.stats["harvested"] += len(offs)
-
-    def _harvest_parked(self, vcpu) -> None:
-        slots, offsets, overflowed = vcpu.harvest_parked_dirty_ring()
-        self._take(slots, offsets)
-        if overflowed:
+        if lost:
             self._overflowed = True
             self.stats["overflows"] += 1
 
@@ -157,8 +152,7 @@ class RingDirtyLog(KvmDirtyLog):
         """KVM_EXIT_DIRTY_RING_FULL, on the vCPU's own thread."""
         with self._plock:
             self.stats["ring_full_exits"] += 1
-            self._harvest_parked(vcpu)
-            self.vm.reset_dirty_rings()
+            self._take(*vcpu.drain_full_dirty_ring(self.vm.reset_dirty_rings))
 
     def _harvest_loop(self) -> None:
         while not self._stop_harvester.wait(self.HARVEST_INTERVAL_S):
@@ -170,14 +164,11 @@ class RingDirtyLog(KvmDirtyLog):
             except OSError:      # the VM is going away
                 return
 
-    def sync(self, parked: bool = False) -> np.ndarray:
+    def sync(self) -> np.ndarray:
         from ..memory import pack_bitmap
         with self._plock:
             for vcpu in self.machine.vcpus:
-                if parked:
-                    self._harvest_parked(vcpu)
-                else:
-                    self._take(*vcpu.harvest_dirty_ring_arrays())
+                self._take(*vcpu.harvest_dirty_ring_arrays())
             self.vm.reset_dirty_rings()
             bits, self._pending = self._pending, np.zeros(self.npages, dtype=bool)
             overflowed, self._overflowed = self._overflowed, False

@@ -266,8 +266,8 @@ class Migration:
         if changed:
             self._emit("MIGRATION", {"status": status})
 
-    def _sync(self, parked: bool = False) -> np.ndarray:
-        bm = self.log.sync(parked)
+    def _sync(self) -> np.ndarray:
+        bm = self.log.sync()
         with self._lock:
             self.s.dirty_syncs += 1
             n = self.s.dirty_syncs
@@ -671,7 +671,7 @@ class Migration:
         t2 = time.monotonic()
         parts["save"] = (t2 - t) * 1000
         last = dirty
-        more = self._sync(parked=True)
+        more = self._sync()
         pages.or_into(last, more)
         pages.or_into(ever_dirty, more)
         t3 = time.monotonic()
