@@ -7,8 +7,10 @@ Layers, data flowing one way:
     hv.boot       kernel loading (ELF vmlinux via PVH, bzImage), e820, cmdline
     hv.cpu        CPUID filtering and MSR setup
     hv.devices    UART, virtio-mmio transport, virtio-balloon
-    hv.machine    assembles a VM, runs its vCPU, pause/resume, save/restore
-    hv.control    JSON-lines control socket (QMP style)
+    hv.vmm        the VMM core: machine assembly, vCPU threads, run state and
+                  pause owners, save/restore
+    hv.qmp        QMP server; hv.qmp_commands QEMU's commands over hv;
+                  hv.control the QMP client
     hv.migration  protocol, sender, receiver (per-page work in hv._pages)
     hv.cli        run-guest
     hv.images     builds the guest kernel and initramfs

@@ -219,7 +219,7 @@ class ConsoleWatch:
 
 
 def run(args) -> int:
-    from .machine import Machine, MachineConfig
+    from .vmm import Machine, MachineConfig
     from .qmp_commands import serve
 
     kernel, initrd = _default_images(args)

@@ -10,7 +10,7 @@
 
 Every method names the KVM ioctl it wraps; a failing ioctl raises KvmError
 (an OSError carrying errno and the ioctl's name). The wrapper adds no policy:
-hv.machine decides what to do with the exits and the state.
+hv.vmm decides what to do with the exits and the state.
 
 Struct layouts and ioctl numbers come from <linux/kvm.h> through the cffi
 module hv._kvm. Opaque state (FPU, LAPIC, vCPU events, irqchip, PIT) travels

@@ -5,7 +5,7 @@ IOAPIC, LAPIC and KVM's TSS begin) and, for larger guests, the rest from
 4 GiB up. One host mapping spans all of it, so that a guest physical address
 is also the offset into the mapping, everywhere in hv (bitmaps, page
 ranges on the wire, the native page loops); the hole in between is mapped
-PROT_NONE and costs nothing. hv.machine registers each RAM region with KVM
+PROT_NONE and costs nothing. hv.vmm registers each RAM region with KVM
 as a memory slot (regions). Every access from Python is bounds-checked and
 fails with GuestMemoryError instead of touching host memory outside guest
 RAM, the hole included.
@@ -37,7 +37,7 @@ PAGE_SHIFT = 12
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 PAGE_SIZE = 1 << PAGE_SHIFT
 #: RAM below 4 GiB ends here at most; the 32-bit hole above it holds the
-#: virtio-mmio windows (hv.machine.VIRTIO_MMIO_BASE), IOAPIC, LAPIC, TSS
+#: virtio-mmio windows (hv.vmm.VIRTIO_MMIO_BASE), IOAPIC, LAPIC, TSS
 LOW_RAM_END = 0xd0000000
 HIGH_RAM_START = 1 << 32
 

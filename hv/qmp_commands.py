@@ -28,7 +28,7 @@ import time
 from typing import Callable
 
 from . import __version__
-from .machine import (STATUS_PAUSED, STATUS_POSTMIGRATE, STATUS_RUNNING, STATUS_SHUTDOWN,
+from .vmm import (STATUS_PAUSED, STATUS_POSTMIGRATE, STATUS_RUNNING, STATUS_SHUTDOWN,
                       MachineError)
 from .memory import PAGE_SIZE
 from .migration.commands import install as install_migration

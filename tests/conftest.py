@@ -5,7 +5,7 @@ kvm_required     skip marker (with the reason) where /dev/kvm is missing or
 tiny_guest       path to a hand-made test guest under tests/guests/
 linux_images     (kernel, initrd) of the Linux guest, or skip
 linux_guest      ONE booted Linux guest (64 MiB) shared by the whole session:
-                 a hv.machine.Machine whose .console is a Console (below)
+                 a hv.vmm.Machine whose .console is a Console (below)
                  collecting its output; it has printed "hv-guest: ready" and
                  runs an interactive shell on ttyS0 (type with
                  m.serial.enqueue(b"cmd\n")). Tests must leave it running
@@ -19,10 +19,14 @@ Console          collects a guest's console bytes; wait_for(needle, timeout,
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 
 import pytest
+
+# scripts/harness.py: the process harness shared by the scripts and the tests
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 
 GUESTS = os.path.join(os.path.dirname(__file__), "guests")
 
@@ -129,7 +133,7 @@ def linux_images():
 @pytest.fixture(scope="session")
 def linux_guest(linux_images):
     """A booted 64 MiB Linux guest, shared by the session."""
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     kernel, initrd = linux_images
     console = Console()
     m = Machine(MachineConfig(mem_mib=64, kernel=kernel, initrd=initrd))

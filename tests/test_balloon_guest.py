@@ -28,7 +28,7 @@ class Guest:
     """A booted guest with its shell on the console."""
 
     def __init__(self, images, mem_mib, **balloon_options):
-        from hv.machine import Machine, MachineConfig
+        from hv.vmm import Machine, MachineConfig
         kernel, initrd = images
         self.console = Console()
         self.m = Machine(MachineConfig(mem_mib=mem_mib, kernel=kernel, initrd=initrd,
@@ -280,7 +280,7 @@ def test_bitmap_in_several_chunks_256(linux_images):
 def test_balloon_after_save_restore(bitmap_guest, linux_images):
     """The balloon's state moves with the machine: a restored copy answers
     bitmap and stats requests and keeps the balloon size."""
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     from hv.migration.state_codec import decode_state, encode_state
     g = bitmap_guest
     g.m.commands["balloon"]({"target_mib": 4})

@@ -155,7 +155,7 @@ def test_bzimage_long_mode_entry_runs(tmp_path):
     from conftest import Console, kvm_unavailable_reason
     if kvm_unavailable_reason():
         pytest.skip(kvm_unavailable_reason())
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     p = tmp_path / "bzImage"
     p.write_bytes(fake_bzimage(open(os.path.join(GUESTS, "long64.bin"), "rb").read()))
     console = Console()

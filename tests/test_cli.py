@@ -182,9 +182,9 @@ def test_guest_reboot_ends_run_guest(linux_images):
 
 
 def test_harness_types_through_console_input(tmp_path):
-    """hv.migration.harness.Guest.type() uses the control socket's console-input
+    """harness.Guest.type() uses the control socket's console-input
     when it knows the socket, the process's stdin otherwise."""
-    from hv.migration import harness as H
+    import harness as H
     typed = []
     path = str(tmp_path / "ctl.sock")
     from hv import qmp
@@ -231,7 +231,7 @@ def test_run_guest_migrates_with_the_dirty_ring(tmp_path):
     """run-guest --dirty-ring lets migrate use the dirty ring
     (__io.github.hv_dirty-log "ring")."""
     import socket
-    from hv.migration import harness as H
+    import harness as H
     from hv.qmp_commands import PREFIX
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,4 +1,4 @@
-"""hv.machine with the tiny PVH guests and with the shared Linux guest."""
+"""hv.vmm.Machine with the tiny PVH guests and with the shared Linux guest."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from conftest import Console
 from hv import control
 from hv.qmp_commands import PREFIX, serve
 from hv import kvm as K
-from hv.machine import Machine, MachineConfig, MachineError
+from hv.vmm import Machine, MachineConfig, MachineError
 from hv.params import ParameterError
 
 pytestmark = pytest.mark.kvm
@@ -55,7 +55,7 @@ def test_pvh_guest_runs_and_powers_off():
 
 
 def test_memory_limits():
-    from hv.machine import max_mem_mib
+    from hv.vmm import max_mem_mib
     with pytest.raises(MachineError, match="out of range"):
         Machine(MachineConfig(mem_mib=4, kernel=PVH))
     with pytest.raises(MachineError, match="this host's RAM"):

@@ -53,6 +53,23 @@ def test_migrate_between_hosts_reports_a_completed_verified_migration(linux_imag
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_migrate_between_hosts_moves_a_two_vcpu_guest_with_a_writer_on_each(linux_images,
+                                                                              tmp_path):
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, "--mem", "128", "--cpus", "2", "--dirty-mib", "4",
+         "--keep-mib", "8", "--fill-mib", "16", "--verify", "--json", str(report)],
+        capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    r = json.loads(report.read_text())
+    assert r["status"] == "completed" and r["cpus"] == 2
+    assert r["guest_alive_after"] is True and r["verified"] is True
+    # two writers kept dirtying during the rounds: more than one round was sent
+    assert r["rounds"] >= 2, r["round_pages"]
+    assert "2 vCPUs, a 4 MiB writer on each" in proc.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_migrate_between_hosts_refuses_bad_options():
     proc = subprocess.run([sys.executable, SCRIPT, "--free-pages", "everything"],
                           capture_output=True, text=True, timeout=60)

@@ -49,7 +49,7 @@ AP_LOAD, AP_WINDOW, AP_COUNTER = 0x1100, 0x1400000, 0x2000
 
 
 def make_machine(**kw):
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     return Machine(MachineConfig(mem_mib=MEM_MIB, **kw))
 
 
@@ -238,7 +238,7 @@ HIGH_WINDOW = (1 << 32) + (1 << 20)
 
 def test_guest_writing_above_4g_migrates():
     """RAM above 4 GiB (slot 1) is logged, sent and verified like the rest."""
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     src = Machine(MachineConfig(mem_mib=HIGH_MEM_MIB))
     dst = Machine(MachineConfig(mem_mib=HIGH_MEM_MIB))
     try:

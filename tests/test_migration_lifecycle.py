@@ -26,7 +26,7 @@ import pytest
 
 from hv.devices import Device
 from hv.errors import GuestMemoryError
-from hv.machine import MachineError, PAUSE_MIGRATION, PAUSE_USER
+from hv.vmm import MachineError, PAUSE_MIGRATION, PAUSE_USER
 from hv.migration.protocol import Command, ack
 from hv.migration.transport import SocketStream, listen
 from hv.migration.sender import Migration, MigrationParams

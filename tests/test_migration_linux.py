@@ -37,7 +37,7 @@ DOWNTIME_MS, MAX_ROUNDS = 300, 30
 def new_machine(images, console, boot=False, command=HOLD_CMD):
     """A 128 MiB machine with a balloon; the guest runs command (hv.exec), or
     an interactive shell when command is None."""
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     kernel, initrd = images
     append = exec_arg(command) if command else ""
     m = Machine(MachineConfig(mem_mib=MEM_MIB, kernel=kernel, initrd=initrd, balloon=True,

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import Console
 from loopback import migrate_over_loopback
-from hv.machine import MachineError
+from hv.vmm import MachineError
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux]
 
@@ -36,7 +36,7 @@ HOPS = list(itertools.product(("bitmap", "off"), (True, False), range(REPEATS)))
 
 
 def new_machine(images, console, ring: bool, boot=False):
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     kernel, initrd = images
     m = Machine(MachineConfig(mem_mib=MEM_MIB, kernel=kernel, initrd=initrd, balloon=True,
                               dirty_ring_bytes=RING_BYTES if ring else 0))
@@ -128,14 +128,15 @@ def test_migrated_guest_is_healthy(storm_guest, free_pages, verify, repeat):
         if src.status == "paused":
             src.commands["cont"]({})
         pytest.fail(f"migration failed: {q['error']}")
+    # the guest runs on dst from here: later hops start there, whatever fails below
+    g["old"].append(src)
+    g["machine"] = dst
     assert "error" not in res, res.get("error")
     assert q["dirty_log"] == g["dirty_log"]
     if verify:
         assert res["rx"].verified
     if free_pages == "bitmap":
         assert not (q.get("free_page_info") or {}).get("warning"), q["free_page_info"]
-    g["old"].append(src)
-    g["machine"] = dst
 
     # The source never runs again.
     assert src.status == "postmigrate"

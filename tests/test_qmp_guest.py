@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hv.migration import harness as H
+import harness as H
 
 pytest.importorskip("qemu.qmp", reason="QEMU's QMP library (pip install qemu.qmp) is missing")
 from hv.control import ControlError  # noqa: E402

@@ -20,7 +20,7 @@ ON_CPU = "awk '{print \"on-\" \"cpu-\" $39}' /proc/self/stat"
 
 
 def new_machine(images, console, ring: bool, boot=False):
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     kernel, initrd = images
     m = Machine(MachineConfig(mem_mib=MEM_MIB, cpus=2, kernel=kernel, initrd=initrd,
                               balloon=True, dirty_ring_bytes=RING_BYTES if ring else 0))

@@ -7,7 +7,7 @@ offer control commands (commands() maps a command name to a handler taking the
 JSON arguments dict and returning the JSON "return" value).
 
 Interrupts reach the guest through an IrqLine handed to the device by
-hv.machine; the device never talks to KVM itself.
+hv.vmm; the device never talks to KVM itself.
 
 quiesce() / unquiesce(): the machine calls quiesce() when it pauses, after
 the vCPUs stopped and before a migration's last dirty harvest and the state

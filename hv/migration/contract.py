@@ -1,6 +1,6 @@
 """What migration needs from a machine, as typing Protocols.
 
-hv.machine.Machine implements all of them; the tests' fakes implement
+hv.vmm.Machine implements all of them; the tests' fakes implement
 SourceMachine or DestinationMachine fully, so migration never probes a
 machine for what it might have.
 """

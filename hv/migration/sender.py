@@ -46,7 +46,7 @@ from .contract import SourceMachine
 from .dirty_log import dirty_log_for
 from .state_codec import state_message
 from .transport import SocketStream, connect, parse_uri
-from ..machine import PAUSE_MIGRATION, PAUSE_USER
+from ..vmm import PAUSE_MIGRATION, PAUSE_USER
 
 BATCH_PAGES = 2048          # pages per MEMORY message (8 MiB)
 CHUNK_PAGES = 16384         # bulk pass granularity (64 MiB)

@@ -1,191 +1,57 @@
-"""A virtual machine: guest RAM, the in-kernel irqchip and PIT, one vCPU, the
-legacy devices, virtio-mmio devices, and the vCPU loop.
+"""A virtual machine assembled: guest RAM in KVM memory slots, the in-kernel
+irqchip and PIT, the vCPUs, the legacy devices and the virtio-mmio devices;
+one thread per vCPU that owns it, the run state with its pause owners, and
+the control commands a machine answers.
 
     m = Machine(MachineConfig(mem_mib=128, kernel=..., initrd=..., append=...))
     m.boot(); m.start(); m.wait()
 
-The run state, as QEMU names it:
-
-    prelaunch --start()--> running --pause(owner)--> paused --resume(owner)--> running
-    inmigrate --(incoming migration restored)--> running
-    paused --a migration completed--> postmigrate   (the guest runs elsewhere;
-                                                      only quit is left)
-        any --guest powers off / reboots / fails, stop()--> shutdown
-
-A pause has owners: "user" (the stop command) and "migration" (its final
-phase). The guest runs again only when every owner has resumed it, so a
-client's cont cannot undo a migration's pause (it is refused), and a user's
-stop during a migration survives the migration's resume. A pause that times
-out is rolled back.
-
-Each vCPU thread runs an explicit state machine. pause() sets
-kvm_run->immediate_exit and sends KICK_SIGNAL to the vCPU threads: KVM_RUN
-returns EINTR (after completing any pending I/O, so the vCPU state is
-consistent), each thread parks. Once all are parked, the devices quiesce
-(no device writes guest memory or raises an interrupt from its own thread)
-and guest memory is frozen against VMM writes; only then does pause()
-return, so a migration's last dirty harvest and save_state() see a still
-guest. resume() undoes both before the vCPUs run.
-
-Guest physical layout: RAM from 0 up to 0xd0000000 at most (slot 0), the
-rest of it from 4 GiB (slot 1, hv.memory.ram_layout); in the 32-bit hole
-between, the virtio-mmio windows from 0xd0000000 (4 KiB each, GSI 5, 6, ...),
-IOAPIC 0xfec00000, LAPIC 0xfee00000, the TSS and identity map pages KVM
-needs just below 4 GiB.
+Each vCPU thread runs an explicit state machine (running, parked, ended).
+pause() sets kvm_run->immediate_exit and sends KICK_SIGNAL to the vCPU
+threads: KVM_RUN returns EINTR (after completing any pending I/O, so the
+vCPU state is consistent), each thread parks. Once all are parked, the
+devices quiesce (no device writes guest memory or raises an interrupt from
+its own thread) and guest memory is frozen against VMM writes; only then
+does pause() return, so a migration's last dirty harvest and save_state()
+see a still guest. resume() undoes both before the vCPUs run. A parked
+vCPU thread runs what other threads ask of its vCPU (on_vcpu()). A pause
+that times out is rolled back.
 """
-
 from __future__ import annotations
 
 import logging
 import signal
-import struct
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Callable
 
-from . import boot as bootmod
-from . import cpu as cpumod
-from . import kvm as K
-from . import mptable
-from . import params
-from ._kvm import lib
-from .devices import Device, IrqLine
-from .devices.bus import Bus
-from .devices.legacy import (I8042, I8042_BASE, I8042_LEN, POST_PORT, POWEROFF_PORT,
-                             PostCode, PowerOff)
-from .devices.uart import COM1_BASE, COM1_IRQ, NUM_REGS, Serial
-from .errors import HvError
-from .memory import LOW_RAM_END, GuestMemory
+from .. import boot as bootmod
+from .. import cpu as cpumod
+from .. import kvm as K
+from .. import mptable
+from .. import params
+from .._kvm import lib
+from ..devices import Device, IrqLine
+from ..devices.bus import Bus
+from ..devices.legacy import (I8042, I8042_BASE, I8042_LEN, POST_PORT, POWEROFF_PORT,
+                              PostCode, PowerOff)
+from ..devices.uart import COM1_BASE, COM1_IRQ, NUM_REGS, Serial
+from ..memory import GuestMemory
+from . import state as statemod
+from .config import (DIRTY_RING_MIN_BYTES, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, MIB,
+                     MIN_MEM_MIB, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE,
+                     VIRTIO_MMIO_SIZE, MachineConfig, balloon_kwargs, base_cmdline,
+                     check_dirty_ring_size, max_mem_mib)
+from .runstate import (MIGRATION_HOLDS_MESSAGE, PAUSE_MIGRATION, PAUSE_USER,
+                       POSTMIGRATE_MESSAGE, STATUS_PAUSED, STATUS_POSTMIGRATE,
+                       STATUS_PRELAUNCH, STATUS_RUNNING, STATUS_SHUTDOWN, MachineError)
+from .vcpu import IO_EXITS, describe_failure, handle_exit, on_parked, set_lint
 
-log = logging.getLogger("hv.machine")
+log = logging.getLogger("hv.vmm")
 
-MIB = 1 << 20
-MIN_MEM_MIB = 16
-VIRTIO_MMIO_BASE = LOW_RAM_END     # the 32-bit hole starts with the virtio windows
-VIRTIO_MMIO_SIZE = 0x1000
-VIRTIO_FIRST_GSI = 5
-VIRTIO_MAX_DEVICES = 11     # GSIs 5..15
-KVM_TSS_ADDR = 0xfffbd000
-KVM_IDENTITY_MAP_ADDR = 0xfffbc000
-
-#: What hv itself puts on every kernel command line.
-HV_CMDLINE = f"console=ttyS0 hv_poweroff={POWEROFF_PORT:#x} reboot=k panic=-1"
-#: Extra boot-speed settings used when hv.images offers no base command line.
-FALLBACK_CMDLINE = "no_timer_check tsc=reliable i8042.noaux i8042.nokbd"
-
-# LAPIC registers (offsets in the KVM_GET_LAPIC page)
-APIC_LVT0 = 0x350
-APIC_LVT1 = 0x360
-APIC_MODE_EXTINT = 0x7
-APIC_MODE_NMI = 0x4
-
-STATUS_PRELAUNCH = "prelaunch"
-STATUS_RUNNING = "running"
-STATUS_PAUSED = "paused"
-STATUS_SHUTDOWN = "shutdown"
-STATUS_INMIGRATE = "inmigrate"
-STATUS_POSTMIGRATE = "postmigrate"
-
-#: who holds a pause
-PAUSE_USER = "user"
-PAUSE_MIGRATION = "migration"
-
-STATE_VERSION = 1
 #: how long console input waits for the guest to make room in the UART FIFO
 CONSOLE_INPUT_TIMEOUT_S = 5.0
-
-
-_IO_EXITS = (K.IoOut, K.IoIn, K.MmioWrite, K.MmioRead)
-
-
-def _fit(data: bytes, size: int) -> bytes:
-    """A device's read answer cut or padded (with 0xff) to the access size."""
-    if len(data) == size:
-        return data
-    return bytes(data[:size]).ljust(size, b"\xff")
-
-
-def max_mem_mib() -> int:
-    """The most guest RAM this host can back: its own RAM (MemTotal)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) // 1024
-    except OSError:
-        pass
-    return LOW_RAM_END >> 20
-
-
-def base_cmdline() -> str:
-    try:
-        from . import images
-        extra = images.base_cmdline()
-    except Exception:
-        extra = FALLBACK_CMDLINE
-    words = HV_CMDLINE.split()
-    for w in extra.split():
-        if w not in words:
-            words.append(w)
-    return " ".join(words)
-
-
-@dataclass
-class MachineConfig:
-    mem_mib: int = 128
-    kernel: str | None = None
-    initrd: str | None = None
-    append: str = ""
-    balloon: bool = False
-    #: binary stream receiving the guest's console output (None: listeners only)
-    console: object = None
-    #: vCPUs (1 up to what KVM allows, KVM_CAP_MAX_VCPUS)
-    cpus: int = 1
-    #: per-vCPU dirty ring size in bytes (0: no ring, use KVM_GET_DIRTY_LOG); a
-    #: power of two from a page to KVM's maximum (migrate with "dirty_log": "ring")
-    dirty_ring_bytes: int = 0
-    #: the kernel command line without the devices' entries (None: the default)
-    cmdline: str | None = None
-    #: Balloon(...) keyword arguments, by name or alias with typed or string
-    #: values: {"reporting": "off", "hint": False, "stats_interval_s": 5}
-    balloon_options: dict = field(default_factory=dict)
-
-
-class MachineError(HvError):
-    pass
-
-
-POSTMIGRATE_MESSAGE = ("the guest has migrated and runs on the destination; this source "
-                       "keeps it paused for good: only quit is left (status postmigrate)")
-MIGRATION_HOLDS_MESSAGE = ("a migration holds the guest paused while it sends the final "
-                           "state; wait for it to finish, or cancel it with migrate-cancel")
-
-
-#: the smallest dirty ring KVM takes: one page (and at least its reserved entries)
-DIRTY_RING_MIN_BYTES = 4096
-
-
-def check_dirty_ring_size(size: int, limit: int) -> bool:
-    """Whether size bytes is a per-vCPU dirty ring KVM can take: a power of two
-    (so a whole number of kvm_dirty_gfn entries), at least a page, at most
-    limit (KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING))."""
-    return (isinstance(size, int) and DIRTY_RING_MIN_BYTES <= size <= limit
-            and size & (size - 1) == 0 and size % K.DIRTY_GFN_DTYPE.itemsize == 0)
-
-
-def _balloon_kwargs(config: MachineConfig) -> dict:
-    """config.balloon_options checked and typed (MachineError names a bad one)."""
-    try:
-        from .devices.virtio.balloon import balloon_options
-        from .devices.virtio.balloon_defs import BalloonError
-    except ImportError:
-        return {}
-    try:
-        return balloon_options(config.balloon_options)
-    except BalloonError as e:
-        raise MachineError(str(e)) from None
 
 
 class KvmIrqLine(IrqLine):
@@ -207,7 +73,7 @@ class Machine:
                 not MIN_MEM_MIB <= config.mem_mib <= most:
             raise MachineError(f"guest memory of {config.mem_mib} MiB is out of range: give "
                                f"between {MIN_MEM_MIB} and {most} MiB (this host's RAM)")
-        self._balloon_kwargs = _balloon_kwargs(config) if config.balloon else {}
+        self._balloon_kwargs = balloon_kwargs(config) if config.balloon else {}
         self.kvm = K.Kvm()
         max_cpus = min(self.kvm.check_extension(lib.KVM_CAP_MAX_VCPUS)
                        or self.kvm.check_extension(lib.KVM_CAP_NR_VCPUS) or 1,
@@ -243,7 +109,7 @@ class Machine:
             v.set_cpuid2(wanted)
             if i == 0:
                 self.cpuid_workarounds = cpumod.kernel_workarounds(wanted, v.get_cpuid2())
-            self._set_lint(v)
+            set_lint(v)
             self.vcpus.append(v)
         self.has_xcrs = bool(self.kvm.check_extension(lib.KVM_CAP_XCRS))
         self.msr_indices = self._saved_msr_indices()
@@ -341,15 +207,6 @@ class Machine:
             time.sleep(0.01)
         return len(data)
 
-    def _set_lint(self, vcpu: K.Vcpu) -> None:
-        """LINT0 as ExtINT (the PIC) and LINT1 as NMI, as a BIOS leaves them."""
-        lapic = bytearray(vcpu.get_lapic())
-        for reg, mode in ((APIC_LVT0, APIC_MODE_EXTINT), (APIC_LVT1, APIC_MODE_NMI)):
-            v = struct.unpack_from("<I", lapic, reg)[0]
-            v = (v & ~0x700) | (mode << 8)
-            struct.pack_into("<I", lapic, reg, v)
-        vcpu.set_lapic(bytes(lapic))
-
     def _saved_msr_indices(self) -> list[int]:
         wanted = list(dict.fromkeys(self.kvm.msr_index_list() + list(cpumod.boot_msrs())))
         readable = self.vcpus[0].get_msrs(wanted)
@@ -388,7 +245,7 @@ class Machine:
     def add_virtio_mmio(self, device):
         """Put device behind a virtio-mmio transport in the next window; its
         virtio_mmio.device= entry joins the command line (add before boot())."""
-        from .devices.virtio.mmio import VirtioMmioTransport
+        from ..devices.virtio.mmio import VirtioMmioTransport
         i = len(self.virtio)
         if i >= VIRTIO_MAX_DEVICES:
             raise MachineError(f"at most {VIRTIO_MAX_DEVICES} virtio devices")
@@ -411,7 +268,7 @@ class Machine:
 
     def _add_balloon(self) -> None:
         try:
-            from .devices.virtio.balloon import Balloon
+            from ..devices.virtio.balloon import Balloon
         except ImportError as e:
             log.warning("no virtio-balloon: %s", e)
             return
@@ -651,7 +508,7 @@ class Machine:
                     log.exception("shutdown callback failed")
 
     def _vcpu_loop(self, index: int, vcpu: K.Vcpu) -> None:
-        pio, mmio, counts = self.pio, self.mmio, self.exit_counts
+        counts = self.exit_counts
         # KVM finishes an I/O or MMIO instruction only when KVM_RUN is entered
         # again, and that pending part is in no state userspace can save. So
         # before pausing after such an exit, re-enter once with immediate_exit
@@ -670,7 +527,7 @@ class Machine:
                         self._in_run[index] = False
                         if not self._parked[index]:
                             self._parked[index] = True
-                            self._on_paused(vcpu)
+                            on_parked(vcpu)
                             self._cond.notify_all()
                         if self._requests[index]:
                             self._serve_requests(index, vcpu)
@@ -684,56 +541,9 @@ class Machine:
                 self._parked[index] = False
                 self._in_run[index] = True
             ex = vcpu.run()
-            kind = type(ex)
-            counts[kind.__name__] += 1
-            pending_io = kind in _IO_EXITS
-            if kind is K.IoOut:
-                port, size = ex.port, ex.size
-                self.io_counts[port] += 1
-                if ex.count == 1:
-                    pio.write(port, ex.data)
-                else:
-                    for i in range(ex.count):
-                        pio.write(port, ex.data[i * size:(i + 1) * size])
-            elif kind is K.IoIn:
-                port, size = ex.port, ex.size
-                self.io_counts[port] += 1
-                if ex.count == 1:
-                    ex.buf[:] = _fit(pio.read(port, size), size)
-                else:
-                    ex.buf[:] = b"".join(_fit(pio.read(port, size), size)
-                                         for _ in range(ex.count))
-            elif kind is K.MmioWrite:
-                mmio.write(ex.addr, ex.data)
-            elif kind is K.MmioRead:
-                ex.buf[:] = _fit(mmio.read(ex.addr, ex.size), ex.size)
-            elif kind is K.Intr:
-                vcpu.set_immediate_exit(False)
-            elif kind is K.Hlt:
-                # only without an in-kernel LAPIC; nothing will wake the vCPU
-                self.request_shutdown("halt")
-            elif kind is K.Shutdown:
-                self.request_shutdown("reboot")        # triple fault
-            elif kind is K.SystemEvent:
-                self.request_shutdown("reboot" if ex.type == lib.KVM_SYSTEM_EVENT_RESET
-                                      else "poweroff")
-            elif kind is K.DirtyRingFull:
-                handler = self.dirty_ring_full_handler
-                if handler is not None:
-                    handler(vcpu)
-                else:       # no migration wants the pages: empty the ring
-                    vcpu.drain_full_dirty_ring(self.vm.reset_dirty_rings)
-            elif kind is K.InternalError:
-                self.error = self.describe_failure(vcpu, ex)
-                log.error("%s", self.error)
-                self.request_shutdown("internal-error")
-            elif kind is K.FailEntry:
-                self.error = (f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason "
-                              f"{ex.reason:#x} on CPU {ex.cpu}\n" + self.describe_regs(vcpu))
-                log.error("%s", self.error)
-                self.request_shutdown("internal-error")
-            else:
-                log.warning("unhandled vCPU exit %r", ex)
+            counts[type(ex).__name__] += 1
+            pending_io = type(ex) in IO_EXITS
+            handle_exit(self, vcpu, ex)
 
     def _serve_requests(self, index: int, vcpu: K.Vcpu) -> None:
         """Run what other threads asked of this parked vCPU (under _cond)."""
@@ -771,152 +581,22 @@ class Machine:
     def on_each_vcpu(self, fn: Callable[[K.Vcpu], object]) -> list:
         return [self.on_vcpu(i, fn) for i in range(len(self.vcpus))]
 
-    def _on_paused(self, vcpu: K.Vcpu) -> None:
-        try:
-            vcpu.kvmclock_ctrl()
-        except K.KvmError:
-            pass    # the guest has not enabled kvmclock yet
-
-    # -- diagnostics --------------------------------------------------------------------------
-    def gva_to_gpa(self, vcpu: K.Vcpu, gva: int, sregs: dict | None = None) -> int | None:
-        """Walk the guest's page tables (4-level, long mode) or return gva when
-        paging is off."""
-        s = sregs or vcpu.get_sregs()
-        if not s["cr0"] & bootmod.X86_CR0_PG:
-            return gva & 0xffffffff
-        if not s["efer"] & bootmod.EFER_LMA:
-            return None
-        table = s["cr3"] & 0x000ffffffffff000
-        for level, shift in enumerate((39, 30, 21, 12)):
-            idx = (gva >> shift) & 0x1ff
-            if not self.memory.contains(table + idx * 8, 8):
-                return None
-            entry = self.memory.read_u64(table + idx * 8)
-            if not entry & 1:
-                return None
-            addr = entry & 0x000ffffffffff000
-            if shift in (30, 21) and entry & 0x80:
-                mask = (1 << shift) - 1
-                return (addr & ~mask) | (gva & mask)
-            table = addr
-        return table | (gva & 0xfff)
-
-    def describe_regs(self, vcpu: K.Vcpu) -> str:
-        try:
-            r = vcpu.get_regs()
-            s = vcpu.get_sregs()
-        except K.KvmError as e:
-            return f"(registers unavailable: {e})"
-        lines = ["  " + " ".join(f"{n}={r[n]:#x}" for n in names) for names in (
-            ("rip", "rflags", "rsp", "rbp"), ("rax", "rbx", "rcx", "rdx", "rsi", "rdi"),
-            ("r8", "r9", "r10", "r11"), ("r12", "r13", "r14", "r15"))]
-        lines.append(f"  cr0={s['cr0']:#x} cr2={s['cr2']:#x} cr3={s['cr3']:#x} "
-                     f"cr4={s['cr4']:#x} efer={s['efer']:#x} cs={s['cs']['selector']:#x} "
-                     f"(l={s['cs']['l']} db={s['cs']['db']} dpl={s['cs']['dpl']})")
-        rip = s["cs"]["base"] + r["rip"] if not s["efer"] & bootmod.EFER_LMA else r["rip"]
-        gpa = self.gva_to_gpa(vcpu, rip, s)
-        if gpa is not None and self.memory.contains(gpa, 16):
-            lines.append(f"  code at rip (gpa {gpa:#x}): {self.memory.read(gpa, 16).hex(' ')}")
-        return "\n".join(lines)
-
     def describe_failure(self, vcpu: K.Vcpu, ex: K.InternalError) -> str:
-        what = {1: "emulation failure", 2: "simultaneous exception",
-                3: "delivery event"}.get(ex.suberror, "internal error")
-        head = (f"KVM_EXIT_INTERNAL_ERROR suberror {ex.suberror} ({what}); "
-                f"data {[hex(d) for d in ex.data]}")
-        hint = ""
-        if ex.suberror == 1:
-            hint = ("\n  the instruction at rip could not be emulated: hide the CPU feature "
-                    "that makes the guest use it (hv.cpu) or avoid it in the guest kernel")
-        return head + "\n" + self.describe_regs(vcpu) + hint
+        return describe_failure(self.memory, vcpu, ex)
 
     def exit_summary(self) -> dict:
         return {"exits": dict(self.exit_counts),
                 "io_ports": {f"{p:#x}": n for p, n in self.io_counts.most_common(12)},
                 "unhandled_pio": self.pio.unhandled, "unhandled_mmio": self.mmio.unhandled}
 
-    # -- save / restore -------------------------------------------------------------------------
+    # -- save / restore (hv.vmm.state) --------------------------------------------------------
     def save_state(self) -> dict:
         """The whole machine state but RAM, as plain data (the vCPUs must be paused)."""
-        with self._cond:
-            if self._threads and self._status not in (STATUS_PAUSED, STATUS_SHUTDOWN):
-                raise MachineError("pause the machine before saving its state")
-        devices = {d.name: d.save() for d in self.devices()}
-        return {
-            "version": STATE_VERSION,
-            "mem_size": self.memory.size,
-            "vcpus": self.on_each_vcpu(self._save_vcpu),
-            # after the devices: an interrupt a device raised is in it
-            "irqchip": {
-                "pic_master": self.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_MASTER),
-                "pic_slave": self.vm.get_irqchip(lib.KVM_IRQCHIP_PIC_SLAVE),
-                "ioapic": self.vm.get_irqchip(lib.KVM_IRQCHIP_IOAPIC),
-            },
-            "pit": self.vm.get_pit2(),
-            "clock": self.vm.get_clock(),
-            "devices": devices,
-        }
-
-    def _save_vcpu(self, v: K.Vcpu) -> dict:
-        vs = {
-            "regs": v.get_regs(),
-            "sregs": v.get_sregs(),
-            "fpu": v.get_fpu(),
-            "msrs": [[i, val] for i, val in v.get_msrs(self.msr_indices).items()],
-            "lapic": v.get_lapic(),
-            "events": v.get_vcpu_events(),
-            "mp_state": v.get_mp_state(),
-            "debugregs": v.get_debugregs(),
-        }
-        if self.has_xcrs:
-            try:
-                vs["xcrs"] = v.get_xcrs()
-            except K.KvmError:
-                pass
-        return vs
+        return statemod.save_state(self)
 
     def restore_state(self, state: dict) -> None:
         """Load save_state() output into this freshly created, not booted machine."""
-        if state.get("version") != STATE_VERSION:
-            raise MachineError(f"machine state version {state.get('version')} is not "
-                               f"{STATE_VERSION}")
-        if state["mem_size"] != self.memory.size:
-            raise MachineError(f"saved guest has {state['mem_size'] >> 20} MiB of RAM, this "
-                               f"machine {self.memory.size >> 20} MiB")
-        if len(state["vcpus"]) != len(self.vcpus):
-            raise MachineError("vCPU count differs from the saved machine")
-        self.vm.set_pit2(state["pit"])
-        self.vm.set_clock(state["clock"]["clock"])
-        for key in ("pic_master", "pic_slave", "ioapic"):
-            self.vm.set_irqchip(state["irqchip"][key])
-        for v, vs in zip(self.vcpus, state["vcpus"]):
-            v.set_mp_state(vs["mp_state"])
-            v.set_regs(vs["regs"])
-            v.set_sregs(vs["sregs"])
-            v.set_fpu(vs["fpu"])
-            if "xcrs" in vs and self.has_xcrs:
-                v.set_xcrs(vs["xcrs"])
-            v.set_debugregs(vs["debugregs"])
-            v.set_lapic(vs["lapic"])
-            msrs = {int(i): int(val) for i, val in vs["msrs"]}
-            done = v.set_msrs(msrs)
-            if done != len(msrs):
-                bad = list(msrs)[done]
-                log.warning("KVM_SET_MSRS stopped at MSR %#x; setting the rest one by one", bad)
-                for i, val in msrs.items():
-                    if v.set_msrs({i: val}) != 1:
-                        log.warning("MSR %#x not restored", i)
-            v.set_vcpu_events(vs["events"])
-        devices = {d.name: d for d in self.devices()}
-        for name, ds in state["devices"].items():
-            d = devices.get(name)
-            if d is None:
-                raise MachineError(f"saved device {name!r} does not exist on this machine")
-            d.restore(ds)
-        missing = sorted(set(devices) - set(state["devices"]))
-        if missing:
-            raise MachineError(f"the saved machine has no {', '.join(missing)}: start the "
-                               f"destination with the same devices as the source")
+        statemod.restore_state(self, state)
 
     # -- control commands -------------------------------------------------------------------------
     def _cmd_query_status(self, args: dict) -> dict:

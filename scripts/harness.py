@@ -1,8 +1,9 @@
-"""Helpers for scripts that drive run-guest (and QEMU) processes
-(migrate-between-hosts, bench-migration): a guest process with its console
-collected and typed into (hv's console-input over QMP, or its stdin), the
-QMP client with retries, one QMP migration driven the way QEMU is driven,
-the guest workload command, verify_ok(line) for hvmem's check."""
+"""The harness of hv's scripts and tests, outside the installed package: a
+run-guest (or QEMU) process with its console collected and typed into (hv's
+console-input over QMP, or its stdin), the QMP client with retries, one QMP
+migration driven the way QEMU is driven, the guest workload command, and
+verify_ok(line) for hvmem's check. Used by migrate-between-hosts,
+bench-migration and the tests."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import threading
 import time
 
-from ..images import exec_arg  # noqa: F401 (the scripts' encoder of hv.exec)
+from hv.images import exec_arg  # noqa: F401 (the scripts' encoder of hv.exec)
 
 #: hvmem hold's answer to "verify" when every byte it holds is intact (a line)
 VERIFY_OK = "hvmem: verify ok"
@@ -22,10 +23,15 @@ VERIFY_OK = "hvmem: verify ok"
 RUN_GUEST = [sys.executable, "-c", "import sys; from hv.cli import main; sys.exit(main())"]
 
 
-def workload(keep_mib: int, fill_mib: int) -> str:
-    """The guest command: write FILL MiB and free them, then hold KEEP MiB
-    (a "verify" line on the console re-checks every byte held)."""
-    return f"hvmem fill {fill_mib} --free && exec hvmem hold {keep_mib}"
+def workload(keep_mib: int, fill_mib: int, cpus: int = 1, dirty_mib: int = 0,
+             dirty_rate: int = 2000) -> str:
+    """The guest command: with dirty_mib, one `hvmem dirty` writer pinned to
+    each of the guest's cpus (rewriting dirty_rate pages a second); then
+    write FILL MiB and free them, then hold KEEP MiB (a "verify" line on the
+    console re-checks every byte held)."""
+    writers = "".join(f"taskset -c {c} hvmem dirty {dirty_mib} {dirty_rate} </dev/null & "
+                      for c in range(cpus)) if dirty_mib else ""
+    return f"{writers}hvmem fill {fill_mib} --free && exec hvmem hold {keep_mib}"
 
 
 
@@ -114,7 +120,7 @@ class Guest:
 
     def type(self, text: str) -> None:
         if self.control_path is not None:
-            from ..qmp_commands import PREFIX
+            from hv.qmp_commands import PREFIX
             with control(self.control_path, 10) as c:
                 c.execute(PREFIX + "console-input", data=text)
             return
@@ -144,7 +150,7 @@ def verify_ok(line: str) -> bool:
 def control(path: str, timeout: float = 60.0):
     """A QMP client (hv.control.ControlClient) of hv or QEMU at path,
     retrying for timeout s while the socket is not there yet."""
-    from ..control import connect
+    from hv.control import connect
     return connect(path, timeout)
 
 
