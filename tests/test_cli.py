@@ -325,6 +325,9 @@ def test_incoming_prints_its_uri_for_scripts(capsys):
 
         def restore_state(self, s):
             pass
+
+        def start(self):
+            pass
     seen = []
     with pytest.raises(MigrationError, match="no migration arrived within 0.3 s"):
         incoming(Unbooted(), "tcp:127.0.0.1:0", accept_timeout=0.3, prefault=False,

@@ -104,6 +104,7 @@ class FakeSource:
 class FakeDest:
     def __init__(self):
         self.memory = GuestMemory(MEM)
+        self.status = "prelaunch"
         self.state = None
         self.running = False
 

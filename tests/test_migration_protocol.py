@@ -396,6 +396,12 @@ class GuardedMemory:
     def guard_intact(self) -> bool:
         return bool((self.backing.array()[self.size:] == 0xC5).all())
 
+    def ram_pfn_regions(self):
+        return [(0, self.npages)]
+
+    def populate(self, stop):
+        pass
+
 
 class ReadLimitStream(P.BufferStream):
     """Records the largest single read: a socket stream allocates that much

@@ -49,9 +49,11 @@ class KvmSourceMachine(SourceMachine, Protocol):
 
 @runtime_checkable
 class DestinationMachine(Protocol):
-    """The machine an incoming migration fills."""
+    """The machine an incoming migration fills (status becomes "inmigrate"
+    while it waits; "shutdown" ends the wait)."""
 
     memory: GuestMemory
+    status: str
 
     def restore_state(self, state: dict) -> None: ...
 

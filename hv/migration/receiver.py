@@ -93,8 +93,7 @@ class Receiver:
         self.memory = memory
         self.npages = memory.size // PAGE_SIZE
         # ranges must lie in RAM: never in the hole between regions
-        regions = getattr(memory, "ram_pfn_regions", None)
-        self.ram = regions() if regions is not None else None
+        self.ram = memory.ram_pfn_regions()
         self.restore = restore
         self.resume = resume
         self.table = SECONDARY_TRANSITIONS if secondary else TRANSITIONS
@@ -326,9 +325,8 @@ class Prefault:
 
     def __init__(self, memory):
         self._stop = threading.Event()
-        populate = getattr(memory, "populate", None)
-        self.thread = None if populate is None else threading.Thread(
-            target=populate, args=(self._stop,), name="hv-prefault", daemon=True)
+        self.thread = threading.Thread(target=memory.populate, args=(self._stop,),
+                                       name="hv-prefault", daemon=True)
 
     def start(self) -> "Prefault":
         if self.thread is not None:
@@ -510,14 +508,6 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             stream.close()
 
 
-def _resume_machine(machine) -> None:
-    for name in ("start", "resume"):
-        fn = getattr(machine, name, None)
-        if fn is not None:
-            fn()
-            return
-
-
 def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float | None = None,
              require_verify: bool = False, verbose: bool = True, on_listening=None,
              prefault: bool = True, on_receiving=None) -> dict:
@@ -540,11 +530,7 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
         if verbose:
             print(f"hv: {msg}", file=sys.stderr, flush=True)
 
-    if hasattr(machine, "status"):
-        try:
-            machine.status = "inmigrate"
-        except AttributeError:
-            pass
+    machine.status = "inmigrate"
     listener = listen(uri)
     prefaulter = Prefault(machine.memory).start() if prefault else None
     try:
@@ -554,10 +540,10 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
         if on_listening:
             on_listening(host, port)
         t0 = time.monotonic()
-        rx = receive(machine.memory, listener, machine.restore_state,
-                     lambda: _resume_machine(machine), timeout=timeout,
+        rx = receive(machine.memory, listener, machine.restore_state, machine.start,
+                     timeout=timeout,
                      accept_timeout=accept_timeout, require_verify=require_verify, log=log,
-                     should_stop=lambda: getattr(machine, "status", None) == "shutdown",
+                     should_stop=lambda: machine.status == "shutdown",
                      prefault=prefaulter, on_receiving=on_receiving)
     finally:
         listener.close()
