@@ -34,6 +34,7 @@ import os
 import queue
 import re
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -346,6 +347,16 @@ class Client:
         self.server._forget(self)
 
 
+def peer_uid(conn: socket.socket) -> int | None:
+    """The user id of the process at the other end of a UNIX socket (SO_PEERCRED)."""
+    try:
+        _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(
+            socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    except OSError:
+        return None
+    return uid
+
+
 class QmpServer:
     """Serves a command registry ({name: Command}) over QMP on a UNIX socket
     until close(). emit(event, data) sends an event to every negotiated client."""
@@ -365,10 +376,17 @@ class QmpServer:
             except (ConnectionRefusedError, FileNotFoundError):
                 os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        # owner-only from the moment it exists: whoever can connect can stop,
+        # migrate or quit the guest
+        old_umask = os.umask(0o177)
         try:
             self.sock.bind(path)
+            os.chmod(path, 0o600)
         except OSError as e:
+            self.sock.close()
             raise HvError(f"cannot create control socket {path!r}: {e.strerror}") from None
+        finally:
+            os.umask(old_umask)
         self.sock.listen(64)
         self._clients: set[Client] = set()
         self._lock = threading.Lock()
@@ -391,6 +409,12 @@ class QmpServer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            uid = peer_uid(conn)
+            if uid not in (os.geteuid(), 0):
+                log.warning("control socket: refused a client of uid %s (only uid %d and "
+                            "root may control this guest)", uid, os.geteuid())
+                conn.close()
+                continue
             with self._lock:
                 if self._closed:
                     conn.close()

@@ -336,3 +336,52 @@ def test_the_reply_to_quit_arrives_before_the_server_closes(tmp_path):
     r.send(b'{"execute": "quit", "id": 1}')
     assert r.read() == {"return": {}, "id": 1}
     r.close()
+
+
+def _connect_as(uid: int, path: str) -> str:
+    """Connect to path from a child process running as uid; what it got."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5)
+            try:
+                s.connect(path)
+                got = s.recv(4096)
+                out = b"greeting" if got.startswith(b'{"QMP"') else b"closed"
+            except PermissionError:
+                out = b"denied"
+            except OSError as e:
+                out = repr(e).encode()
+            os.write(w, out)
+        finally:
+            os._exit(0)
+    os.close(w)
+    out = os.read(r, 100).decode()
+    os.close(r)
+    os.waitpid(pid, 0)
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another user")
+def test_control_socket_is_owner_only_and_refuses_other_users():
+    import tempfile
+    d = tempfile.mkdtemp(prefix="hv-qmp-")
+    os.chmod(d, 0o755)          # others may reach the socket file, not use it
+    path = os.path.join(d, "qmp.sock")
+    srv = qmp.QmpServer(path, {})
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o600
+        assert _connect_as(65534, path) == "denied"
+        # even where the file's mode lets them in, the server checks who connects
+        os.chmod(path, 0o666)
+        assert _connect_as(65534, path) == "closed"
+        assert _connect_as(0, path) == "greeting"
+    finally:
+        srv.close()
+        shutil.rmtree(d, ignore_errors=True)
