@@ -55,7 +55,7 @@ SHUTDOWN_CAUSES = {
 }
 
 #: QEMU's capabilities that hv has, with their defaults
-CAPABILITIES = {"events": False, "multifd": False}
+CAPABILITIES = {"events": False, "multifd": False, "auto-converge": False}
 
 #: migrate-set-parameters member -> the MigrationParams field it sets
 PARAMETER_FIELDS = {
@@ -68,12 +68,16 @@ PARAMETER_FIELDS = {
     PREFIX + "max-rounds": "max_rounds",
     PREFIX + "downtime-strategy": "downtime_strategy",
     PREFIX + "hint-wait-ms": "hint_wait_ms",
+    "cpu-throttle-initial": "cpu_throttle_initial",
+    "cpu-throttle-increment": "cpu_throttle_increment",
+    "max-cpu-throttle": "max_cpu_throttle",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
     PREFIX + "free-pages": "str", PREFIX + "verify": "bool", PREFIX + "dirty-log": "str",
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
     PREFIX + "hint-wait-ms": "int",
+    "cpu-throttle-initial": "int", "cpu-throttle-increment": "int", "max-cpu-throttle": "int",
 }
 
 #: hv's migration statuses that QEMU spells otherwise
@@ -91,6 +95,9 @@ def _defaults() -> dict:
         PREFIX + "max-rounds": d.max_rounds,
         PREFIX + "downtime-strategy": d.downtime_strategy,
         PREFIX + "hint-wait-ms": d.hint_wait_ms,
+        "cpu-throttle-initial": d.cpu_throttle_initial,
+        "cpu-throttle-increment": d.cpu_throttle_increment,
+        "max-cpu-throttle": d.max_cpu_throttle,
     }
 
 
@@ -251,6 +258,7 @@ class QemuMonitor:
                 continue                        # one connection without multifd
             args[PARAMETER_FIELDS[name]] = value
         args.setdefault("free_pages", self._default_free_pages())
+        args["auto_converge"] = bool(capabilities.get("auto-converge"))
         return args
 
     @staticmethod
@@ -367,6 +375,8 @@ class QemuMonitor:
             info["downtime"] = _ms(q["downtime_ms"])
         if q.get("error") and status in ("failed", "cancelled"):
             info["error-desc"] = q["error"]
+        if migration.p.auto_converge:
+            info["cpu-throttle-percentage"] = int(q.get("cpu_throttle_percentage") or 0)
         # hv's own figures
         extra = {
             "free-pages": q.get("free_pages"),

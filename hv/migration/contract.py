@@ -46,6 +46,11 @@ class KvmSourceMachine(SourceMachine, Protocol):
 
     def memory_slots(self) -> list[tuple[int, int, int]]: ...
 
+    #: auto-converge: the vCPUs' throttle, percent (0: off)
+    cpu_throttle_percentage: int
+
+    def set_cpu_throttle(self, percent: int) -> None: ...
+
 
 @runtime_checkable
 class DestinationMachine(Protocol):

@@ -42,7 +42,7 @@ from . import pages
 from .protocol import (
     FEATURE_VERIFY, FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError,
     Ranges, cancel as cancel_msg, error as error_msg)
-from .contract import SourceMachine
+from .contract import KvmSourceMachine, SourceMachine
 from .dirty_log import dirty_log_for
 from .state_codec import state_message
 from .transport import SocketStream, connect, parse_uri
@@ -87,6 +87,12 @@ class MigrationParams:
                                         # (query-migrate) or this long at most
                                         # (the migrate command: 3000)
     on_paused: object = None            # callback(machine) right after the pause (tests, --verify)
+    #: auto-converge (QEMU's capability and parameter names and defaults): when
+    #: a round's dirtying outpaces what it sent twice, throttle the vCPUs
+    auto_converge: bool = False
+    cpu_throttle_initial: int = 20
+    cpu_throttle_increment: int = 10
+    max_cpu_throttle: int = 99
 
     #: how each argument of the migrate command is checked (hv.params)
     CHECKS = {
@@ -105,6 +111,10 @@ class MigrationParams:
         "progress": (params.boolean,),
         "shutdown_source": (params.boolean,),
         "linger_ms": (params.integer, 0, 3_600_000),
+        "auto_converge": (params.boolean,),
+        "cpu_throttle_initial": (params.integer, 1, 99),
+        "cpu_throttle_increment": (params.integer, 1, 99),
+        "max_cpu_throttle": (params.integer, 1, 99),
     }
 
     @classmethod
@@ -157,6 +167,8 @@ class Stats:
     #: time spent hashing pages for verify, all of it but the final round's
     #: while the guest runs
     verify_ms: float = 0.0
+    #: the vCPUs' throttle now (auto-converge), percent
+    cpu_throttle_percentage: int = 0
     warning: str | None = None
     error: str | None = None
 
@@ -198,6 +210,9 @@ class Migration:
         self._rtt_ms = 0.0
         self._pause_cost_ms = PAUSE_ESTIMATE_MS
         self._tail_ms = TAIL_ESTIMATE_MS
+        self._dirty_rate_high = 0
+        if params.auto_converge and not isinstance(machine, KvmSourceMachine):
+            raise MigrationError("auto-converge throttles vCPUs: this machine has none")
         # per-page hashes of what the destination holds, kept up to date as
         # pages are sent (verify), so the pause only hashes the final round
         self._hashes = np.zeros(self.npages, dtype=np.uint64) if params.verify else None
@@ -283,6 +298,10 @@ class Migration:
         except Exception as e:
             self._fail(e)
         finally:
+            try:
+                self._end_throttle()    # the guest runs at full speed, here or there
+            except Exception as e:
+                self.s.warning = f"could not end the CPU throttle: {e}"
             self._finish_timing()
             self._done.set()
 
@@ -587,6 +606,34 @@ class Migration:
         self._send_set(dirty, rnd)
         self._end_round(rnd, t0)
 
+    #: QEMU's throttle-trigger-threshold: dirtying above this share of what a
+    #: round sent counts as outpacing the link
+    THROTTLE_TRIGGER = 0.5
+
+    def _maybe_throttle(self, bytes_dirtied: int, bytes_sent: int) -> None:
+        """Auto-converge, as QEMU's migration_trigger_throttle: the second
+        period in which the guest dirtied more than half of what was sent
+        raises the throttle (first to cpu_throttle_initial, then by
+        cpu_throttle_increment, at most max_cpu_throttle)."""
+        p = self.p
+        if bytes_dirtied <= bytes_sent * self.THROTTLE_TRIGGER:
+            return
+        self._dirty_rate_high += 1
+        if self._dirty_rate_high < 2:
+            return
+        self._dirty_rate_high = 0
+        now = self.machine.cpu_throttle_percentage
+        pct = p.cpu_throttle_initial if not now else now + p.cpu_throttle_increment
+        pct = min(pct, p.max_cpu_throttle)
+        if pct != now:
+            self.machine.set_cpu_throttle(pct)
+        with self._lock:
+            self.s.cpu_throttle_percentage = pct
+
+    def _end_throttle(self) -> None:
+        if self.p.auto_converge and self.machine.cpu_throttle_percentage:
+            self.machine.set_cpu_throttle(0)
+
     def _not_converged(self, n: int, expected_ms: float, rounds: int) -> str:
         return (f"the guest did not converge: after {rounds} rounds {n} dirty pages remain, "
                 f"about {expected_ms:.0f} ms of downtime against the limit of "
@@ -613,6 +660,8 @@ class Migration:
             dirty = self._sync()
             pages.or_into(ever_dirty, dirty)
             n = pages.count(dirty)
+            if number and p.auto_converge:
+                self._maybe_throttle(n * PAGE_SIZE, self.s.rounds[-1]["bytes"])
             expected_ms = self._estimate_ms(n)
             with self._lock:
                 self.s.remaining_pages = n

@@ -50,6 +50,10 @@ from .vcpu import IO_EXITS, describe_failure, handle_exit, on_parked, set_lint
 
 log = logging.getLogger("hv.vmm")
 
+#: the CPU throttle's period (QEMU's CPU_THROTTLE_TIMESLICE_NS) and its maximum
+CPU_THROTTLE_TIMESLICE_S = 0.010
+MAX_CPU_THROTTLE = 99
+
 #: how long console input waits for the guest to make room in the UART FIFO
 CONSOLE_INPUT_TIMEOUT_S = 5.0
 
@@ -162,6 +166,10 @@ class Machine:
         #: (migration sets it); the default empties the ring and resets it.
         self.dirty_ring_full_handler: Callable[[K.Vcpu], None] | None = None
         self.on_shutdown: list[Callable[[str], None]] = []
+        #: CPU throttle (auto-converge): percent of each timeslice the vCPUs sleep
+        self._throttle_pct = 0
+        self._throttle_due = [False] * len(self.vcpus)
+        self._throttle_thread: threading.Thread | None = None
 
         if config.balloon:
             self._add_balloon()
@@ -441,6 +449,43 @@ class Machine:
                 self._holds.add(PAUSE_MIGRATION)
             self._set_status(STATUS_POSTMIGRATE, "migrated")
 
+    # -- CPU throttle (auto-converge) ----------------------------------------------
+    @property
+    def cpu_throttle_percentage(self) -> int:
+        return self._throttle_pct
+
+    def set_cpu_throttle(self, percent: int) -> None:
+        """Let every vCPU run only (100 - percent) % of the time, as QEMU's
+        cpu-throttle does for auto-converge: each CPU_THROTTLE_TIMESLICE_S
+        the vCPU threads are kicked out of KVM_RUN and sleep
+        percent / (100 - percent) timeslices. 0 ends the throttle."""
+        if isinstance(percent, bool) or not isinstance(percent, int) or \
+                not 0 <= percent <= MAX_CPU_THROTTLE:
+            raise MachineError(f"CPU throttle of {percent!r} %: give 0 (off) to "
+                               f"{MAX_CPU_THROTTLE}")
+        with self._cond:
+            self._throttle_pct = percent
+            self._cond.notify_all()
+            start = percent and (self._throttle_thread is None
+                                 or not self._throttle_thread.is_alive())
+            if start:
+                self._throttle_thread = threading.Thread(target=self._throttle_loop,
+                                                         name="hv-cpu-throttle", daemon=True)
+        if start:
+            self._throttle_thread.start()
+
+    def _throttle_loop(self) -> None:
+        while True:
+            time.sleep(CPU_THROTTLE_TIMESLICE_S)
+            with self._cond:
+                if not self._throttle_pct or self._want == STATUS_SHUTDOWN:
+                    self._throttle_due = [False] * len(self.vcpus)
+                    return
+                if self._want != STATUS_RUNNING:
+                    continue
+                self._throttle_due = [True] * len(self.vcpus)
+                self._kick()
+
     def _quiesce_devices(self) -> None:
         for d in self.devices():
             d.quiesce()
@@ -533,6 +578,14 @@ class Machine:
                             self._serve_requests(index, vcpu)
                             continue
                         self._cond.wait()
+                        continue
+                    if self._throttle_due[index] and self._throttle_pct:
+                        # throttled: sleep out this timeslice's share; a pause,
+                        # a shutdown or a throttle change ends the sleep early
+                        self._throttle_due[index] = False
+                        self._in_run[index] = False
+                        pct = self._throttle_pct
+                        self._cond.wait(CPU_THROTTLE_TIMESLICE_S * pct / (100 - pct))
                         continue
                     # running: clear a kick left over from an earlier pause
                     # (under the lock, so a new kick cannot be lost)
