@@ -46,6 +46,24 @@ def test_parameters_map_onto_migration_params(monitor):
     assert {"capability": "multifd", "state": True} in run(cmds, "query-migrate-capabilities")
 
 
+def test_auto_converge_is_qemus_capability_and_parameters(monitor):
+    mon, cmds, machine, _ = monitor
+    q = run(cmds, "query-migrate-parameters")
+    assert (q["cpu-throttle-initial"], q["cpu-throttle-increment"],
+            q["max-cpu-throttle"]) == (20, 10, 99)          # QEMU's defaults
+    run(cmds, "migrate-set-parameters", {"cpu-throttle-initial": 30,
+                                         "cpu-throttle-increment": 15, "max-cpu-throttle": 80})
+    p = MigrationParams.from_args(mon._hv_args(mon.parameters, mon.capabilities, "tcp:h:1"))
+    assert not p.auto_converge
+    run(cmds, "migrate-set-capabilities", {"capabilities": [
+        {"capability": "auto-converge", "state": True}]})
+    p = MigrationParams.from_args(mon._hv_args(mon.parameters, mon.capabilities, "tcp:h:1"))
+    assert (p.auto_converge, p.cpu_throttle_initial, p.cpu_throttle_increment,
+            p.max_cpu_throttle) == (True, 30, 15, 80)
+    with pytest.raises(QmpError, match="'max-cpu-throttle'"):
+        run(cmds, "migrate-set-parameters", {"max-cpu-throttle": 100})
+
+
 def test_defaults_are_hvs_and_free_pages_follow_the_balloon(monitor):
     mon, cmds, machine, _ = monitor
     q = run(cmds, "query-migrate-parameters")
