@@ -86,6 +86,21 @@ class GuestMemory:
         self._dirty_lock = threading.Lock()
         self.frozen = False
 
+    def map_file(self, fd: int, offset: int) -> None:
+        """Back every RAM region with the file's bytes from offset + its
+        guest physical address, copy-on-write (MAP_PRIVATE | MAP_FIXED over
+        this mapping): reads come from the file's page cache, writes stay
+        here. Before the guest first runs (KVM maps pages lazily)."""
+        if offset % PAGE_SIZE:
+            raise GuestMemoryError(f"file offset {offset} is not page-aligned")
+        for gpa, n in self.regions:
+            p = _libc.mmap(ctypes.c_void_p(self.host_addr + gpa), ctypes.c_size_t(n),
+                           mmap.PROT_READ | mmap.PROT_WRITE,
+                           mmap.MAP_PRIVATE | _MAP_FIXED, fd, ctypes.c_long(offset + gpa))
+            if p != self.host_addr + gpa:
+                raise GuestMemoryError(f"mapping the snapshot at {gpa:#x} failed: "
+                                       f"{os.strerror(ctypes.get_errno())}")
+
     # -- freezing -------------------------------------------------------
     def freeze(self) -> None:
         """Refuse VMM writes from now on (the machine pauses: nothing may
@@ -238,6 +253,10 @@ class GuestMemory:
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_MAP_FIXED = 0x10
 
 
 def pack_bitmap(bits: np.ndarray) -> np.ndarray:

@@ -31,6 +31,7 @@ from . import __version__
 from .vmm import (STATUS_PAUSED, STATUS_POSTMIGRATE, STATUS_RUNNING, STATUS_SHUTDOWN,
                       MachineError)
 from .memory import PAGE_SIZE
+from .migration import snapshot
 from .migration.commands import install as install_migration
 from .migration.incoming import IncomingMigration
 from .migration.protocol import MigrationError
@@ -114,6 +115,8 @@ class QemuMonitor:
         self.emit = emit or (lambda event, data: None)
         self.capabilities = dict(CAPABILITIES)
         self.parameters = _defaults()
+        #: query-migrate's answer after a migrate to a file: URI (the last save)
+        self._file_save: dict | None = None
         self._lock = threading.Lock()
         self.migrations = getattr(machine, "migration_commands", None) or \
             install_migration(machine)
@@ -186,6 +189,8 @@ class QemuMonitor:
             PREFIX + "request-free-page-bitmap": Command(self.free_page_bitmap,
                                                          {"*timeout-ms": "int"}),
             PREFIX + "query-balloon": Command(self.hv_query_balloon),
+            PREFIX + "snapshot-save": Command(self.snapshot_save,
+                                              {"path": "str", "*free-pages": "bool"}),
         }
         self._names = sorted(cmds) + ["qmp_capabilities"]
         return cmds
@@ -311,6 +316,11 @@ class QemuMonitor:
             raise QmpError("Guest is waiting for an incoming migration")
         if status in (STATUS_POSTMIGRATE, STATUS_SHUTDOWN):
             raise QmpError(f"Guest is not in a state to be migrated (status {status})")
+        if snapshot.parse_file_uri(uri) is not None:
+            # QEMU's migrate to a file: the guest is saved and stays stopped
+            self._save_file(uri, resume=False)
+            return {}
+        self._file_save = None
         with self._lock:
             hv_args = self._hv_args(dict(self.parameters), self.capabilities, uri)
         try:
@@ -318,6 +328,40 @@ class QemuMonitor:
         except MigrationError as e:
             raise self._qmp_error(e) from None
         return {}
+
+    def _save_file(self, uri: str, resume: bool, free_pages: bool | None = None) -> dict:
+        if self.migrations.current is not None and not self.migrations.current.finished:
+            raise QmpError("a migration is already running")
+        if free_pages is None:
+            free_pages = self.parameters.get(PREFIX + "free-pages",
+                                             self._default_free_pages()) != "off"
+        t0 = time.monotonic()
+        try:
+            st = snapshot.save(self.machine, snapshot.parse_file_uri(uri), resume=resume,
+                               free_pages=free_pages)
+        except (MigrationError, OSError) as e:
+            self._file_save = {"status": "failed", "error-desc": str(e),
+                               "total-time": _ms((time.monotonic() - t0) * 1000)}
+            raise QmpError(f"saving the guest to {uri}: {e}") from None
+        self._file_save = {
+            "status": "completed", "total-time": _ms(st["total_ms"]),
+            "downtime": _ms(st["pause_ms"]),
+            "ram": {"transferred": st["bytes_written"], "total": st["pages_total"] * PAGE_SIZE,
+                    "normal": st["pages_stored"], "duplicate": st["pages_skipped_zero"],
+                    "page-size": PAGE_SIZE, "remaining": 0},
+            PREFIX + "pages-skipped-free": st["pages_skipped_free"],
+            PREFIX + "free-page-info": st["free_page_info"],
+        }
+        return st
+
+    def snapshot_save(self, args: dict) -> dict:
+        """Pause, save to path, resume (the guest keeps running here)."""
+        status = self.machine.status
+        if status not in (STATUS_RUNNING, STATUS_PAUSED):
+            raise QmpError(f"Guest is not in a state to be saved (status {status})")
+        st = self._save_file("file:" + args["path"], resume=True,
+                             free_pages=args.get("free-pages"))
+        return {k.replace("_", "-"): v for k, v in st.items()}
 
     def migrate_incoming(self, args: dict) -> dict:
         uri = self._uri(args, "migrate-incoming")
@@ -331,6 +375,8 @@ class QemuMonitor:
         return {}
 
     def query_migrate(self, args: dict) -> dict:
+        if self._file_save is not None:
+            return dict(self._file_save)
         inc = self.incoming
         if inc.status not in ("none", "deferred") and self.migrations.current is None:
             return self._incoming_info(inc)

@@ -266,6 +266,56 @@ def test_run_guest_migrates_with_the_dirty_ring(tmp_path):
         dst.stop()
 
 
+@pytest.mark.kvm
+def test_run_guest_saves_to_a_file_and_restores_from_it(tmp_path):
+    """QMP's migrate to file:PATH saves the guest and leaves the source in
+    postmigrate; __io.github.hv_snapshot-save saves and resumes; run-guest
+    --incoming file:PATH runs the saved guest; restoring into a machine of
+    another size is one clear line, and nothing runs."""
+    import harness as H
+    from hv.qmp_commands import PREFIX
+    common = ["--kernel", PVH_IDLE, "--initrd", "", "--mem", "16"]
+    ssock, dsock = str(tmp_path / "src.sock"), str(tmp_path / "dst.sock")
+    live, final = str(tmp_path / "live.snap"), str(tmp_path / "final.snap")
+    src = H.Guest("src", None, H.RUN_GUEST + common + ["--control", ssock], str(tmp_path))
+    try:
+        src.wait_for("idle", 30)
+        with H.control(ssock, 30) as c:
+            st = c.execute(PREFIX + "snapshot-save", path=live)
+            assert st["pages-stored"] > 0 and os.path.exists(live)
+            assert c.execute("query-status")["status"] == "running"
+            c.execute("migrate", uri="file:" + final)
+            q = c.execute("query-migrate")
+            assert q["status"] == "completed" and q["ram"]["normal"] > 0, q
+            assert c.execute("query-status")["status"] == "postmigrate"
+            with pytest.raises(control.ControlError, match="postmigrate"):
+                c.execute("cont")
+            c.execute("quit")
+        assert src.proc.wait(30) == 0
+    finally:
+        src.stop()
+    dst = H.Guest("dst", None, H.RUN_GUEST + common + [
+        "--control", dsock, "--incoming", "file:" + final, "--incoming-require-verify"],
+        str(tmp_path))
+    try:
+        with H.control(dsock, 30) as d:
+            deadline = time.monotonic() + 30
+            while d.execute("query-status")["status"] != "running":
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert d.execute("query-migrate")["status"] == "completed"
+            d.execute("quit")
+        assert dst.proc.wait(30) == 0
+    finally:
+        dst.stop()
+    r = subprocess.run(H.RUN_GUEST + ["--kernel", PVH_IDLE, "--initrd", "", "--mem", "32",
+                                      "--incoming", "file:" + final],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "run-guest --mem 16" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def _not_an_initramfs(tmp_path):
     p = tmp_path / "kernel-config.txt"
     p.write_text("CONFIG_BLK_DEV_INITRD=y\n")

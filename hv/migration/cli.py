@@ -5,6 +5,9 @@
     run-guest --mem 256 --balloon --incoming tcp:0.0.0.0:4444  destination
     run-guest --mem 256 --balloon --incoming defer --control /tmp/dst.sock
         destination waiting for QMP's migrate-incoming {"uri": "tcp:0.0.0.0:4444"}
+    run-guest --mem 256 --balloon --incoming file:/var/tmp/guest.snap
+        restore a snapshot (QMP migrate {"uri": "file:PATH"} or
+        __io.github.hv_snapshot-save wrote it)
 
 Every machine gets the migration commands. With --incoming the machine is
 not booted: it waits for a migration, restores the guest it receives and
@@ -24,9 +27,13 @@ from .protocol import MigrationError
 
 def _uri(text: str) -> str:
     """argparse type of --incoming: tcp:HOST:PORT (checked as the receiver
-    reads it) or defer."""
+    reads it), file:PATH or defer."""
     from .transport import parse_uri
     if text == "defer":
+        return text
+    if text.startswith("file:"):
+        if len(text) == 5:
+            raise argparse.ArgumentTypeError("file: needs a path: file:/path/to/snapshot")
         return text
     try:
         parse_uri(text)
@@ -48,18 +55,24 @@ def _seconds(text: str) -> float:
 
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("live migration")
-    g.add_argument("--incoming", metavar="tcp:HOST:PORT|defer", type=_uri,
+    g.add_argument("--incoming", metavar="tcp:HOST:PORT|file:PATH|defer", type=_uri,
                    help="do not boot: wait for a live migration on HOST:PORT and run the "
                         "guest it brings (start with the same --mem and devices as the "
                         "source); PORT 0 picks a free port, printed on stderr as "
                         "'hv: incoming migration listening on tcp:HOST:PORT'; defer: wait "
-                        "for QMP's migrate-incoming to say where")
+                        "for QMP's migrate-incoming to say where; file:PATH: restore the "
+                        "snapshot at PATH")
+    g.add_argument("--incoming-snapshot", choices=["map", "copy"], default="map",
+                   help="how a file: snapshot is restored: map it copy-on-write (default; "
+                        "restore time does not grow with guest size, the file must not "
+                        "change while the guest runs) or copy it into guest memory")
     g.add_argument("--incoming-timeout", metavar="SEC", type=_seconds, default=None,
                    help="give up when no migration arrives within SEC seconds")
     g.add_argument("--incoming-io-timeout", metavar="SEC", type=_seconds, default=60.0,
                    help="give up when the source sends nothing for SEC seconds (default 60)")
     g.add_argument("--incoming-require-verify", action="store_true",
-                   help="refuse a migration that does not carry page hashes (VERIFY)")
+                   help="refuse a migration that does not carry page hashes (VERIFY); "
+                        "for a file: snapshot, check every stored page against its hash")
     g.add_argument("--incoming-prefault", choices=["on", "off"], default="on",
                    help="fault in all of guest RAM while waiting for the source, so pages "
                         "arrive into mapped memory (default on); off keeps the destination's "
@@ -76,6 +89,7 @@ def setup(args, machine) -> bool:
     inc.configure(timeout=args.incoming_io_timeout, accept_timeout=args.incoming_timeout,
                   require_verify=args.incoming_require_verify,
                   prefault=args.incoming_prefault == "on")
+    inc.snapshot_mode = args.incoming_snapshot
     if uri == "defer":
         if not getattr(args, "control", None):
             raise MigrationError("--incoming defer needs --control: migrate-incoming "

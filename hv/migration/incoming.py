@@ -19,6 +19,7 @@ from __future__ import annotations
 import threading
 import time
 
+from . import snapshot
 from .protocol import MigrationError
 from .receiver import incoming
 from .transport import parse_uri
@@ -46,6 +47,8 @@ class IncomingMigration:
         self.listeners: list = []
         self._lock = threading.Lock()
         self.thread: threading.Thread | None = None
+        #: a file: URI restores a snapshot: mapped (copy-on-write) or copied in
+        self.snapshot_mode = "map"
 
     @classmethod
     def of(cls, machine) -> "IncomingMigration":
@@ -99,9 +102,16 @@ class IncomingMigration:
         """Receive the migration here and now; raises MigrationError."""
         self.started_at = time.monotonic()
         self._set_status("setup")
+        path = snapshot.parse_file_uri(uri)
         try:
-            self.result = incoming(self.machine, uri, on_listening=on_listening,
-                                   on_receiving=self._on_receiving, **self.options)
+            if path is not None:
+                self.active_at = time.monotonic()
+                self._set_status("active")
+                self.result = snapshot.restore(self.machine, path, mode=self.snapshot_mode,
+                                               verify=self.options["require_verify"])
+            else:
+                self.result = incoming(self.machine, uri, on_listening=on_listening,
+                                       on_receiving=self._on_receiving, **self.options)
         except Exception as e:
             self.error = str(e) or type(e).__name__
             self.ended_at = time.monotonic()
@@ -113,8 +123,12 @@ class IncomingMigration:
 
     def start(self, uri: str) -> None:
         """migrate-incoming: receive on a thread; returns once it listens
-        (a URI it cannot listen on is an error here, and may be retried)."""
-        parse_uri(uri)
+        (a URI it cannot listen on is an error here, and may be retried).
+        A file: URI restores the snapshot here and now (its errors are
+        this command's)."""
+        is_file = snapshot.parse_file_uri(uri) is not None
+        if not is_file:
+            parse_uri(uri)
         with self._lock:
             if self.status != "deferred":
                 raise MigrationError(
@@ -122,6 +136,14 @@ class IncomingMigration:
                     else "'-incoming' was not specified on the command line "
                          "(start run-guest with --incoming defer)")
             self.status = "starting"    # taken: a second migrate-incoming is refused
+        if is_file:
+            try:
+                self.run(uri)
+            except MigrationError:
+                with self._lock:
+                    self.status = "deferred"        # nothing runs; another file may
+                raise
+            return
         listening = threading.Event()
         failure: list[str] = []
 
