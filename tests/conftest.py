@@ -4,12 +4,14 @@ kvm_required     skip marker (with the reason) where /dev/kvm is missing or
                  not accessible
 tiny_guest       path to a hand-made test guest under tests/guests/
 linux_images     (kernel, initrd) of the Linux guest, or skip
-linux_guest      ONE booted Linux guest (64 MiB) shared by the whole session:
-                 a hv.vmm.Machine whose .console is a Console (below)
-                 collecting its output; it has printed "hv-guest: ready" and
-                 runs an interactive shell on ttyS0 (type with
-                 m.serial.enqueue(b"cmd\n")). Tests must leave it running
-                 (pause/resume is fine).
+linux_snapshot   the path of a snapshot of ONE Linux guest (64 MiB) booted
+                 once per session, taken once it printed "hv-guest: ready"
+linux_guest      a Linux guest of the test's own, restored from linux_snapshot
+                 (mapped copy-on-write: milliseconds, and no test sees what
+                 another did): a hv.vmm.Machine whose .console is a Console
+                 (below) holding the boot output and collecting what follows;
+                 it runs an interactive shell on ttyS0 (type with
+                 m.serial.enqueue(b"cmd\n")).
 Console          collects a guest's console bytes; wait_for(needle, timeout,
                  start=mark()) returns the text once needle has appeared
                  (later bytes of the same line may still be arriving);
@@ -60,8 +62,8 @@ def tiny_guest():
 class Console:
     """Collects everything a guest prints; wait_for() with a timeout."""
 
-    def __init__(self):
-        self._buf = bytearray()
+    def __init__(self, initial: bytes = b""):
+        self._buf = bytearray(initial)
         self._cond = threading.Condition()
 
     def __call__(self, data: bytes) -> None:
@@ -131,21 +133,37 @@ def linux_images():
 
 
 @pytest.fixture(scope="session")
-def linux_guest(linux_images):
-    """A booted 64 MiB Linux guest, shared by the session."""
+def linux_snapshot(linux_images, tmp_path_factory):
+    """Boot the 64 MiB Linux guest once; save it when it is ready."""
+    from hv.migration.snapshot import save
     from hv.vmm import Machine, MachineConfig
     kernel, initrd = linux_images
     console = Console()
     m = Machine(MachineConfig(mem_mib=64, kernel=kernel, initrd=initrd))
     m.console_listeners.append(console)
-    m.console = console
-    m.boot()
-    m.start()
     try:
+        m.boot()
+        m.start()
         console.wait_for("hv-guest: ready", timeout=900)
-    except TimeoutError:
-        m.stop()
-        raise
-    yield m
-    m.stop()
-    m.close()
+        path = str(tmp_path_factory.mktemp("snap") / "linux.snap")
+        save(m, path, resume=False)
+    finally:
+        m.close()
+    return path, kernel, initrd, console.text.encode()
+
+
+@pytest.fixture
+def linux_guest(linux_snapshot):
+    """A booted 64 MiB Linux guest of this test's own (restored)."""
+    from hv.migration.snapshot import restore
+    from hv.vmm import Machine, MachineConfig
+    path, kernel, initrd, boot_output = linux_snapshot
+    console = Console(boot_output)
+    m = Machine(MachineConfig(mem_mib=64, kernel=kernel, initrd=initrd))
+    m.console_listeners.append(console)
+    m.console = console
+    try:
+        restore(m, path)
+        yield m
+    finally:
+        m.close()
