@@ -28,8 +28,6 @@ import time
 from typing import Callable
 
 from . import __version__
-from .vmm import (STATUS_PAUSED, STATUS_POSTMIGRATE, STATUS_RUNNING, STATUS_SHUTDOWN,
-                      MachineError)
 from .memory import PAGE_SIZE
 from .migration import snapshot
 from .migration.commands import install as install_migration
@@ -37,6 +35,8 @@ from .migration.incoming import IncomingMigration
 from .migration.protocol import MigrationError
 from .migration.sender import MigrationParams
 from .qmp import DEVICE_NOT_ACTIVE, QEMU_VERSION, Command, QmpError, QmpServer
+from .vmm import (STATUS_PAUSED, STATUS_POSTMIGRATE, STATUS_RUNNING, STATUS_SHUTDOWN,
+                  MachineError)
 
 #: hv's downstream prefix: the reverse of the domain hv.github.io
 PREFIX = "__io.github.hv_"

@@ -32,6 +32,7 @@ HV_CMDLINE = f"console=ttyS0 hv_poweroff={POWEROFF_PORT:#x} reboot=k panic=-1"
 #: Extra boot-speed settings used when hv.images offers no base command line.
 FALLBACK_CMDLINE = "no_timer_check tsc=reliable i8042.noaux i8042.nokbd"
 
+
 def max_mem_mib() -> int:
     """The most guest RAM this host can back: its own RAM (MemTotal)."""
     try:
@@ -76,7 +77,6 @@ class MachineConfig:
     #: Balloon(...) keyword arguments, by name or alias with typed or string
     #: values: {"reporting": "off", "hint": False, "stats_interval_s": 5}
     balloon_options: dict = field(default_factory=dict)
-
 
 
 #: the smallest dirty ring KVM takes: one page (and at least its reserved entries)

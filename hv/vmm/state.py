@@ -41,6 +41,7 @@ def save_state(machine: "Machine") -> dict:
         "devices": devices,
     }
 
+
 def _save_vcpu(machine: "Machine", v: K.Vcpu) -> dict:
     vs = {
         "regs": v.get_regs(),
@@ -58,6 +59,7 @@ def _save_vcpu(machine: "Machine", v: K.Vcpu) -> dict:
         except K.KvmError:
             pass
     return vs
+
 
 def restore_state(machine: "Machine", state: dict) -> None:
     """Load save_state() output into this freshly created, not booted machine."""

@@ -34,12 +34,12 @@ APIC_MODE_NMI = 0x4
 #: exits after which KVM completes the access on the next KVM_RUN
 IO_EXITS = (K.IoOut, K.IoIn, K.MmioWrite, K.MmioRead)
 
+
 def _fit(data: bytes, size: int) -> bytes:
     """A device's read answer cut or padded (with 0xff) to the access size."""
     if len(data) == size:
         return data
     return bytes(data[:size]).ljust(size, b"\xff")
-
 
 
 def handle_exit(machine: "Machine", vcpu: K.Vcpu, ex: K.VcpuExit) -> None:
@@ -75,7 +75,7 @@ def handle_exit(machine: "Machine", vcpu: K.Vcpu, ex: K.VcpuExit) -> None:
         machine.request_shutdown("reboot")        # triple fault
     elif kind is K.SystemEvent:
         machine.request_shutdown("reboot" if ex.type == lib.KVM_SYSTEM_EVENT_RESET
-                              else "poweroff")
+                                 else "poweroff")
     elif kind is K.DirtyRingFull:
         handler = machine.dirty_ring_full_handler
         if handler is not None:
@@ -88,7 +88,7 @@ def handle_exit(machine: "Machine", vcpu: K.Vcpu, ex: K.VcpuExit) -> None:
         machine.request_shutdown("internal-error")
     elif kind is K.FailEntry:
         machine.error = (f"KVM_EXIT_FAIL_ENTRY: hardware entry failure reason "
-                      f"{ex.reason:#x} on CPU {ex.cpu}\n" + describe_regs(machine.memory, vcpu))
+                         f"{ex.reason:#x} on CPU {ex.cpu}\n" + describe_regs(machine.memory, vcpu))
         log.error("%s", machine.error)
         machine.request_shutdown("internal-error")
     else:
@@ -138,6 +138,7 @@ def gva_to_gpa(memory: GuestMemory, vcpu: K.Vcpu, gva: int,
         table = addr
     return table | (gva & 0xfff)
 
+
 def describe_regs(memory: GuestMemory, vcpu: K.Vcpu) -> str:
     try:
         r = vcpu.get_regs()
@@ -155,6 +156,7 @@ def describe_regs(memory: GuestMemory, vcpu: K.Vcpu) -> str:
     if gpa is not None and memory.contains(gpa, 16):
         lines.append(f"  code at rip (gpa {gpa:#x}): {memory.read(gpa, 16).hex(' ')}")
     return "\n".join(lines)
+
 
 def describe_failure(memory: GuestMemory, vcpu: K.Vcpu, ex: K.InternalError) -> str:
     what = {1: "emulation failure", 2: "simultaneous exception",
