@@ -151,6 +151,9 @@ class MachineConfig:
     #: Balloon(...) keyword arguments, by name or alias with typed or string
     #: values: {"reporting": "off", "hint": False, "stats_interval_s": 5}
     balloon_options: dict = field(default_factory=dict)
+    #: virtio-blk disks: paths, {"path", "readonly", "serial"} dicts or
+    #: "path=FILE[,readonly=on]" strings (hv.devices.virtio.blk.disk_options)
+    disks: list = field(default_factory=list)
 
 
 class MachineError(HvError):
@@ -173,6 +176,21 @@ def check_dirty_ring_size(size: int, limit: int) -> bool:
     limit (KVM_CHECK_EXTENSION(KVM_CAP_DIRTY_LOG_RING))."""
     return (isinstance(size, int) and DIRTY_RING_MIN_BYTES <= size <= limit
             and size & (size - 1) == 0 and size % K.DIRTY_GFN_DTYPE.itemsize == 0)
+
+
+def _open_disks(disks) -> list:
+    from .devices.virtio.blk import Blk, disk_options
+    if not isinstance(disks, (list, tuple)):
+        raise MachineError("disks is not a list")
+    opened: list = []
+    try:
+        for item in disks:
+            opened.append(Blk(**disk_options(item)))
+    except BaseException:
+        for d in opened:
+            d.close()
+        raise
+    return opened
 
 
 def _balloon_kwargs(config: MachineConfig) -> dict:
@@ -208,7 +226,14 @@ class Machine:
             raise MachineError(f"guest memory of {config.mem_mib} MiB is out of range: give "
                                f"between {MIN_MEM_MIB} and {most} MiB (this host's RAM)")
         self._balloon_kwargs = _balloon_kwargs(config) if config.balloon else {}
-        self.kvm = K.Kvm()
+        #: virtio-blk devices; their images are opened first so a bad one fails early
+        self.disks = _open_disks(config.disks)
+        try:
+            self.kvm = K.Kvm()
+        except BaseException:
+            for d in self.disks:
+                d.close()
+            raise
         max_cpus = min(self.kvm.check_extension(lib.KVM_CAP_MAX_VCPUS)
                        or self.kvm.check_extension(lib.KVM_CAP_NR_VCPUS) or 1,
                        mptable.MAX_CPUS)
@@ -299,6 +324,8 @@ class Machine:
 
         if config.balloon:
             self._add_balloon()
+        for d in self.disks:
+            self.add_virtio_mmio(d)
 
     # -- helpers ---------------------------------------------------------------------
     def irq_line(self, gsi: int) -> KvmIrqLine:
@@ -482,9 +509,29 @@ class Machine:
         with self._cond:
             return frozenset(self._holds)
 
+    def lock_storage(self) -> None:
+        """Take every device's exclusive storage (disk image locks) before the
+        guest runs here; raises HvError naming an image another VMM holds."""
+        taken = []
+        try:
+            for d in self.devices():
+                d.lock_storage()
+                taken.append(d)
+        except BaseException:
+            for d in taken:
+                d.unlock_storage()
+            raise
+
+    def unlock_storage(self) -> None:
+        """Give the storage locks up (paused: a migration hands them over)."""
+        for d in self.devices():
+            d.unlock_storage()
+
     def start(self) -> None:
         """Run the vCPU thread(s); they stay paused while anyone holds a pause."""
         with self._lifecycle:
+            if not self._threads:
+                self.lock_storage()
             with self._cond:
                 if self._threads:
                     raise MachineError("machine already started")

@@ -87,6 +87,12 @@ class FakeSource:
     def enter_postmigrate(self):
         self.status = "postmigrate"
 
+    def lock_storage(self):
+        pass
+
+    def unlock_storage(self):
+        pass
+
     def save_state(self):
         return {"counter": self.counter, "regs": {"rip": 0x1000}, "blob": b"\x01\x02"}
 

@@ -193,6 +193,7 @@ class Migration:
         self._t0 = None
         self._holding_pause = False
         self._complete_sent = False
+        self._storage_released = False
         self._lock = threading.Lock()
         self._balloon = None
         self._rtt_ms = 0.0
@@ -325,6 +326,15 @@ class Migration:
         except Exception:
             pass
         if self._holding_pause:
+            if self._storage_released and not (self._complete_sent and not peer_said):
+                # The destination did not resume: the disks are ours again.
+                try:
+                    self.machine.lock_storage()
+                    self._storage_released = False
+                except Exception as le:
+                    reason += (f"; the source cannot take its storage back ({le}), so it "
+                               "stays paused")
+                    self.machine.pause(PAUSE_USER)
             if self._complete_sent and not peer_said:
                 # COMPLETE went out and no answer came: the destination may
                 # run the guest. Never run it here too; leave the choice to
@@ -713,6 +723,11 @@ class Migration:
             st0.send(Ranges(Command.VERIFY, s, c, hashes=hashes))
         t5 = time.monotonic()
         parts["verify"] = (t5 - t4) * 1000
+        # Shared storage changes hands: flushed at the pause, its locks go now
+        # and the destination takes them when it resumes (Cloud Hypervisor's
+        # order); _fail takes them back if the destination never runs.
+        self.machine.unlock_storage()
+        self._storage_released = True
         for extra in self.streams[1:]:
             extra.send(Control(Command.COMPLETE))
         st0.send(Control(Command.COMPLETE))

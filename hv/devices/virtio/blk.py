@@ -85,9 +85,11 @@ class Blk(VirtioDevice):
     device_id = VIRTIO_ID_BLOCK
     name = "blk"
 
-    def __init__(self, memory: GuestMemory, path: str, *, readonly: bool = False,
-                 serial: str | None = None):
+    def __init__(self, path: str, *, readonly: bool = False, serial: str | None = None,
+                 memory: GuestMemory | None = None):
         super().__init__()
+        # opened before the machine exists (a bad image fails early); the
+        # transport brings guest memory
         self.memory = memory
         self.path = os.path.abspath(path)
         self.readonly = bool(readonly)
@@ -162,6 +164,7 @@ class Blk(VirtioDevice):
     # -- VirtioDevice ----------------------------------------------------------------
     def attach(self, transport) -> None:
         super().attach(transport)
+        self.memory = transport.memory
         self._cond = threading.Condition(self.lock)
 
     def features(self) -> int:
@@ -435,6 +438,47 @@ class Blk(VirtioDevice):
                                    f"bytes, expected {ID_BYTES}")
         with self.lock:
             self.serial = state["serial"]
+
+
+_TRUE, _FALSE = ("on", "true", "yes", "1"), ("off", "false", "no", "0")
+
+
+def disk_options(item) -> dict:
+    """Checked Blk(...) keyword arguments from a path, a dict {"path", "readonly",
+    "serial"} or a "path=FILE[,readonly=on][,serial=ID]" string (run-guest
+    --disk). Raises BlkError saying what is wrong."""
+    if isinstance(item, (str, os.PathLike)) and "=" not in str(item):
+        item = {"path": os.fspath(item)}
+    if isinstance(item, str):
+        pairs = {}
+        for part in item.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise BlkError(f"disk {item!r}: {part!r} is not KEY=VALUE")
+            if key in pairs:
+                raise BlkError(f"disk {item!r}: {key} given twice")
+            pairs[key] = value.strip()
+        item = pairs
+    if not isinstance(item, dict):
+        raise BlkError(f"disk {item!r:.60} is not a path or a table of options")
+    unknown = sorted(set(item) - {"path", "readonly", "serial"})
+    if unknown:
+        raise BlkError(f"disk: unknown option {unknown[0]!r}; known: path, readonly, serial")
+    path = item.get("path")
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise BlkError("disk: path=FILE is missing")
+    ro = item.get("readonly", False)
+    if not isinstance(ro, bool):
+        v = str(ro).strip().lower()
+        if v not in _TRUE + _FALSE:
+            raise BlkError(f"disk {path}: readonly={ro!r} is not on or off")
+        ro = v in _TRUE
+    serial = item.get("serial")
+    if serial is not None and (not isinstance(serial, str) or len(serial.encode()) > ID_BYTES):
+        raise BlkError(f"disk {path}: serial {serial!r:.40} is not a string of at most "
+                       f"{ID_BYTES} bytes")
+    return {"path": os.fspath(path), "readonly": ro, "serial": serial}
 
 
 def _trim(descs: list[Descriptor], skip: int, drop_tail: int) -> list[tuple[int, int]]:
