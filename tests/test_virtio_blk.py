@@ -337,3 +337,66 @@ def test_malformed_chains_never_crash(tmp_path_factory, descs, header, readonly)
         d.t.save()
     finally:
         d.close()
+
+
+# -- the image tool and run-guest --disk -------------------------------------------
+
+def test_images_disk(tmp_path, capsys):
+    from hv import images
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "hello.txt").write_text("hello from the host\n")
+    out = tmp_path / "d.img"
+    assert images.main(["disk", "--size", "8M", "--out", str(out), "--from", str(src)]) == 0
+    assert out.stat().st_size == 8 << 20
+    p = subprocess.run(["/usr/sbin/e2fsck", "-fn", str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    p = subprocess.run(["/usr/sbin/debugfs", "-R", "cat /hello.txt", str(out)],
+                       capture_output=True, text=True)
+    assert p.stdout == "hello from the host\n"
+    capsys.readouterr()
+    for argv, msg in ((["--size", "8M", "--out", str(out)], "already exists"),
+                      (["--size", "12Q", "--out", str(tmp_path / "x")], "not a size"),
+                      (["--size", "1000", "--out", str(tmp_path / "x")], "512-byte"),
+                      (["--size", "2T", "--out", str(tmp_path / "x")], "out of range"),
+                      (["--size", "8M", "--out", str(tmp_path / "x"), "--from",
+                        str(tmp_path / "nope")], "not a directory"),
+                      (["--size", "8M"], "required")):
+        assert images.main(["disk", *argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_run_guest_disk_argument_errors(tmp_path, capsys):
+    from hv import cli
+    img = image(tmp_path)
+    a = cli.build_parser().parse_args(["--disk", f"path={img},readonly=on", "--disk", img])
+    assert a.disks == [{"path": img, "readonly": True, "serial": None},
+                       {"path": img, "readonly": False, "serial": None}]
+    for arg, msg in ((f"path={tmp_path}/missing.img", "does not exist"),
+                     (f"path={img},readonly=perhaps", "not on or off"),
+                     (f"path={img},cache=none", "unknown option")):
+        with pytest.raises(SystemExit) as e:
+            cli.build_parser().parse_args(["--disk", arg])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.kvm
+def test_run_guest_refuses_a_locked_image(tmp_path):
+    from tests.conftest import GUESTS
+    img = image(tmp_path)
+    holder = B.Blk(img)
+    holder.lock_storage()
+    try:
+        p = subprocess.run([sys.executable, "-m", "hv", "--kernel",
+                            os.path.join(GUESTS, "pvh.elf"), "--initrd", "", "--mem", "64",
+                            "--disk", f"path={img}"], capture_output=True, text=True,
+                           timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        holder.close()
+    assert p.returncode == 2, p.stderr
+    assert "locked by another VMM" in p.stderr and "Traceback" not in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
