@@ -600,6 +600,11 @@ class Machine:
     def resume(self, owner: str = PAUSE_USER) -> None:
         """Drop owner's hold; the vCPUs run again once nobody holds a pause."""
         with self._lifecycle:
+            if self._threads and self.pause_holders <= {owner} and \
+                    self._status not in (STATUS_SHUTDOWN, STATUS_POSTMIGRATE):
+                # a source whose migration failed after it gave its disks up:
+                # it runs only with them back (raises and stays paused otherwise)
+                self.lock_storage()
             with self._cond:
                 if self._status == STATUS_SHUTDOWN:
                     raise MachineError("the guest is shut down")
