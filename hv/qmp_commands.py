@@ -68,12 +68,13 @@ PARAMETER_FIELDS = {
     PREFIX + "max-rounds": "max_rounds",
     PREFIX + "downtime-strategy": "downtime_strategy",
     PREFIX + "hint-wait-ms": "hint_wait_ms",
+    PREFIX + "drop-cache": "drop_cache",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
     PREFIX + "free-pages": "str", PREFIX + "verify": "bool", PREFIX + "dirty-log": "str",
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
-    PREFIX + "hint-wait-ms": "int",
+    PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
 }
 
 #: hv's migration statuses that QEMU spells otherwise

@@ -59,6 +59,9 @@ class Cancelled(MigrationError):
 
 DIRTY_LOGS = ("auto", "bitmap", "ring", "vmm")
 FREE_PAGE_MODES = ("bitmap", "hint", "off")
+#: with the free page bitmap: what the guest drops before its snapshot
+#: (Liang Li's 2016 drop-cache request): clean page cache, or that and slab
+DROP_CACHES = ("none", "pagecache", "all")
 #: what a migration does when the rest cannot be sent within downtime_ms:
 #: cancel (and resume the source), force (pause anyway, and say so), or
 #: iterate (keep sending rounds past max_rounds until it fits or is cancelled)
@@ -80,6 +83,7 @@ class MigrationParams:
                                         # the bitmap; "vmm": no KVM (tests)
     timeout_s: float = 60.0             # any single send/receive
     free_page_timeout_ms: int = 30000   # waiting for the balloon's bitmap
+    drop_cache: str = "none"            # bitmap: what the guest drops first (DROP_CACHES)
     hint_wait_ms: int = 0               # let hints arrive before the bulk pass
     progress: bool = False              # a status line on stderr
     shutdown_source: bool = True        # stop the source machine when completed
@@ -101,6 +105,7 @@ class MigrationParams:
         "dirty_log": (params.choice, DIRTY_LOGS),
         "timeout_s": (params.number, 0.001, 86400),
         "free_page_timeout_ms": (params.integer, 0, 3_600_000),
+        "drop_cache": (params.choice, DROP_CACHES),
         "hint_wait_ms": (params.integer, 0, 3_600_000),
         "progress": (params.boolean,),
         "shutdown_source": (params.boolean,),
@@ -516,7 +521,8 @@ class Migration:
             return None
         try:
             if mode == "bitmap":
-                words, info = b.request_free_page_bitmap(self.p.free_page_timeout_ms)
+                words, info = b.request_free_page_bitmap(self.p.free_page_timeout_ms,
+                                                         self.p.drop_cache)
                 with self._lock:
                     self.s.free_page_info = dict(info)
                 return pages.as_bitmap(words, self.npages)
