@@ -104,8 +104,10 @@ def test_guest_reads_writes_and_migrates_a_disk(linux_images, tmp_path):
         assert src.status == "running" and src.disks[0].locked
         sh.run("tail -n 1 /mnt/log")
         # more records while the guest migrates: requests in flight at the pause
+        # (the quotes keep the shell's echo from matching "writer-done")
+        mark = console.mark()
         sh.run(f"(for i in $(seq {BEFORE + 1} {TOTAL}); do echo record $i >> /mnt/log; "
-               "sync; done; echo writer-done) </dev/null > /dev/console 2>&1 & true")
+               "sync; done; echo writer\"\"-done) </dev/null > /dev/console 2>&1 & true")
 
         dst = machine(linux_images, disk, console)
         assert not dst.disks[0].locked       # opened, but no lock and no I/O until it runs
@@ -116,10 +118,10 @@ def test_guest_reads_writes_and_migrates_a_disk(linux_images, tmp_path):
         assert dst.disks[0].locked and not src.disks[0].locked
 
         sh = Shell(dst, console)
-        console.wait_for("writer-done", timeout=300)
+        console.wait_for("writer-done", timeout=300, start=mark)
         out = sh.run("cat /mnt/log")
         records = [line.strip() for line in out.splitlines() if line.startswith("record ")]
-        assert records == [f"record {i}" for i in range(1, TOTAL + 1)]
+        assert records == [f"record {i}" for i in range(1, TOTAL + 1)], console.text[-3000:]
         sh.run("umount /mnt && sync")
         assert dst.disks[0].counters["writes"] > 0   # the destination wrote too
         dst.request_shutdown("test done")
@@ -130,3 +132,46 @@ def test_guest_reads_writes_and_migrates_a_disk(linux_images, tmp_path):
                 m.close()
     p = subprocess.run(["/usr/sbin/e2fsck", "-fn", disk], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def _cached_kib(sh: Shell) -> int:
+    out = sh.run("grep '^Cached:' /proc/meminfo")
+    return int(out.split("Cached:")[1].split()[0])
+
+
+def test_free_page_bitmap_drops_the_page_cache_first(linux_images, tmp_path):
+    """drop_cache=pagecache on the bitmap request: a file's clean page cache
+    (read from the disk) is dropped in the guest before the snapshot, so its
+    pages count as free; drop_cache=none leaves it."""
+    from hv.machine import Machine, MachineConfig
+    src_dir = tmp_path / "content"
+    src_dir.mkdir()
+    (src_dir / "big.bin").write_bytes(os.urandom(12 << 20))
+    disk = str(tmp_path / "disk.img")
+    from hv.images import make_disk
+    make_disk(disk, 32 << 20, str(src_dir))
+    kernel, initrd = linux_images
+    console = Console()
+    m = Machine(MachineConfig(mem_mib=64, kernel=kernel, initrd=initrd, balloon=True,
+                              balloon_options={"reporting": False}, disks=[disk]))
+    m.console_listeners.append(console)
+    try:
+        m.boot()
+        m.start()
+        console.wait_for("hv-guest: ready", timeout=900)
+        sh = Shell(m, console)
+        sh.run("mkdir -p /mnt && mount -t ext4 -o ro /dev/vda /mnt && cat /mnt/big.bin > /dev/null")
+        cached = _cached_kib(sh)
+        _, kept = m.balloon.request_free_page_bitmap(120_000, drop_cache="none")
+        assert _cached_kib(sh) > cached - 2048        # still cached
+        _, dropped = m.balloon.request_free_page_bitmap(120_000, drop_cache="pagecache")
+        after = _cached_kib(sh)
+        gained = dropped["free_pages"] - kept["free_pages"]
+        print(f"cached {cached} KiB -> {after} KiB; free pages {kept['free_pages']} -> "
+              f"{dropped['free_pages']} (+{gained})")
+        assert cached - after >= 10 << 10, (cached, after)
+        assert gained >= (10 << 20) // 4096, (kept, dropped)
+        sh.run("umount /mnt")
+    finally:
+        m.stop()
+        m.close()
