@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
 import time
@@ -136,7 +137,7 @@ def test_guest_reads_writes_and_migrates_a_disk(linux_images, tmp_path):
 
 def _cached_kib(sh: Shell) -> int:
     out = sh.run("grep '^Cached:' /proc/meminfo")
-    return int(out.split("Cached:")[1].split()[0])
+    return int(re.search(r"^Cached:\s+(\d+) kB", out, re.M).group(1))
 
 
 def test_free_page_bitmap_drops_the_page_cache_first(linux_images, tmp_path):
