@@ -400,3 +400,33 @@ def test_run_guest_refuses_a_locked_image(tmp_path):
     assert p.returncode == 2, p.stderr
     assert "locked by another VMM" in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.kvm
+def test_machine_takes_the_lock_to_run(tmp_path):
+    """start() locks the disks; a paused machine that gave its locks up
+    (a migration source) runs again only once it has them back."""
+    from hv.machine import Machine, MachineConfig
+    from tests.conftest import GUESTS
+    img = image(tmp_path)
+    m = Machine(MachineConfig(mem_mib=64, kernel=os.path.join(GUESTS, "pvh-idle.elf"),
+                              initrd="", disks=[f"path={img}"]))
+    other = B.Blk(img)
+    try:
+        assert not m.disks[0].locked
+        m.boot()
+        m.start()
+        assert m.disks[0].locked and m.status == "running"
+        m.pause("migration")
+        m.unlock_storage()
+        other.lock_storage()                 # the "destination" has it now
+        with pytest.raises(B.BlkError, match="locked by another VMM"):
+            m.resume("migration")
+        assert m.status == "paused" and m.pause_holders == {"migration"}
+        other.unlock_storage()
+        m.resume("migration")
+        assert m.status == "running" and m.disks[0].locked
+    finally:
+        other.close()
+        m.stop()
+        m.close()
