@@ -28,7 +28,7 @@ class FakeBalloon:
         self.poison = poison
         self.calls = 0
 
-    def request_free_page_bitmap(self, timeout_ms):
+    def request_free_page_bitmap(self, timeout_ms, drop_cache="none"):
         self.calls += 1
         bits = np.zeros(NPAGES, dtype=bool)
         bits[FREE] = True

@@ -522,7 +522,7 @@ class Migration:
         try:
             if mode == "bitmap":
                 words, info = b.request_free_page_bitmap(self.p.free_page_timeout_ms,
-                                                         self.p.drop_cache)
+                                                         drop_cache=self.p.drop_cache)
                 with self._lock:
                     self.s.free_page_info = dict(info)
                 return pages.as_bitmap(words, self.npages)

@@ -7,7 +7,7 @@ Constants and wire layouts live in balloon_defs.
 
 What migration uses (all thread-safe, callable from a non-vCPU thread):
 
-  request_free_page_bitmap(timeout_ms) -> (words, info)
+  request_free_page_bitmap(timeout_ms, drop_cache="none") -> (words, info)
       Writes a new bitmap command id to config and raises a config interrupt;
       the patched guest driver snapshots its buddy allocator's free lists and
       answers in chunks on the bitmap queue. words is a KVM-layout uint64
