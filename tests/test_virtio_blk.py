@@ -308,7 +308,6 @@ def test_malformed_chains_never_crash(tmp_path_factory, descs, header, readonly)
     try:
         ram = d.mem.array()
         d.mem.write(HDR, struct.pack("<IIQ", *header))
-        snapshot = bytes(ram)
         table = []
         for a, n, f, nx in descs:
             table.append((a, n, f & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE | 4), nx))
