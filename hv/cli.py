@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-vCPU KVM dirty ring of BYTES (a power of two from 4096 to "
                         "KVM's maximum, K/M suffixes allowed; default 0: off) so that "
                         "migrate can use \"dirty_log\": \"ring\"")
+    g.add_argument("--disk", metavar="path=FILE[,readonly=on]", action="append", default=[],
+                   type=_disk, dest="disks",
+                   help="add a virtio-blk disk on a raw image FILE (repeatable; the first "
+                        "is /dev/vda); the image is locked against other VMMs")
     r = p.add_argument_group("running")
     r.add_argument("--exec", metavar="CMD", dest="exec_cmd",
                    help="run CMD in the guest with sh -c, print its output, exit with "
@@ -122,6 +126,23 @@ def _balloon_opt(text: str) -> tuple[str, object]:
         return next(iter(balloon_options([text]).items()))
     except HvError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _disk(text: str) -> dict:
+    """argparse type of --disk: path=FILE[,readonly=on][,serial=ID], FILE readable."""
+    from .devices.virtio.blk import disk_options
+    try:
+        d = disk_options(text if "=" in text else {"path": text})
+    except HvError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if not os.path.isfile(d["path"]):
+        raise argparse.ArgumentTypeError(f"disk image {d['path']} does not exist or is not "
+                                         "a file")
+    if not os.access(d["path"], os.R_OK if d["readonly"] else os.R_OK | os.W_OK):
+        raise argparse.ArgumentTypeError(f"disk image {d['path']} is not "
+                                         f"{'readable' if d['readonly'] else 'read-write'} "
+                                         "for this user")
+    return d
 
 
 def balloon_options(args) -> dict:
@@ -231,7 +252,7 @@ def run(args) -> int:
     m = Machine(MachineConfig(mem_mib=args.mem, cpus=args.cpus, kernel=kernel, initrd=initrd,
                               append=append, balloon=args.balloon, console=sys.stdout.buffer,
                               balloon_options=balloon_options(args) if args.balloon else {},
-                              dirty_ring_bytes=args.dirty_ring))
+                              dirty_ring_bytes=args.dirty_ring, disks=args.disks))
     watch = ConsoleWatch()
     m.console_listeners.append(watch)
     server = serve(args.control, m) if args.control else None

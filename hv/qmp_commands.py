@@ -72,12 +72,13 @@ PARAMETER_FIELDS = {
     "cpu-throttle-initial": "cpu_throttle_initial",
     "cpu-throttle-increment": "cpu_throttle_increment",
     "max-cpu-throttle": "max_cpu_throttle",
+    PREFIX + "drop-cache": "drop_cache",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
     PREFIX + "free-pages": "str", PREFIX + "verify": "bool", PREFIX + "dirty-log": "str",
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
-    PREFIX + "hint-wait-ms": "int",
+    PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
     "cpu-throttle-initial": "int", "cpu-throttle-increment": "int", "max-cpu-throttle": "int",
 }
 

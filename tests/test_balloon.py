@@ -384,3 +384,35 @@ def test_hint_wait():
     lb.q["free_page"].kick()
     assert lb.dev.free_page_hint_wait(20)
     assert lb.dev.hint_rounds == 1
+
+
+def test_free_page_bitmap_drop_cache_request():
+    from hv.devices.virtio.balloon_defs import CFG_FREE_PAGE_BITMAP_DROP
+    from hv.migration.protocol import MigrationError
+    from hv.migration.sender import MigrationParams
+    lb = LinuxBalloon()
+    assert lb.drv.config_read(CFG_FREE_PAGE_BITMAP_DROP) == 0
+    # the guest reads what to drop next to the command id, with the request
+    for name, value in (("all", 3), ("pagecache", 1), ("none", 0)):
+        with pytest.raises(BalloonTimeout):
+            lb.dev.request_free_page_bitmap(20, drop_cache=name)
+        assert lb.drv.config_read(CFG_FREE_PAGE_BITMAP_DROP) == value
+    words, info = _bitmap_round(lb, np.ones(lb.mem.npages, bool))
+    assert info["drop_cache"] == "none"
+    with pytest.raises(BalloonError, match="drop_cache"):
+        lb.dev.request_free_page_bitmap(20, drop_cache="slab")
+    with pytest.raises(Exception, match="drop_cache"):
+        lb.dev.commands()["request-free-page-bitmap"]({"drop_cache": "everything"})
+    # it travels with the balloon's state and is checked there
+    with pytest.raises(BalloonTimeout):
+        lb.dev.request_free_page_bitmap(20, drop_cache="all")
+    state = lb.dev.save()
+    other = LinuxBalloon()
+    other.dev.restore(state)
+    assert other.dev.bitmap_drop == 3
+    with pytest.raises(Exception, match="bitmap_drop"):
+        other.dev.restore({**state, "bitmap_drop": 2})
+    assert MigrationParams.from_args({"uri": "tcp:127.0.0.1:1", "drop_cache": "all"}
+                                     ).drop_cache == "all"
+    with pytest.raises(MigrationError, match="drop_cache"):
+        MigrationParams.from_args({"uri": "tcp:127.0.0.1:1", "drop_cache": "slab"})

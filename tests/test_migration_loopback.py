@@ -28,7 +28,7 @@ class FakeBalloon:
         self.poison = poison
         self.calls = 0
 
-    def request_free_page_bitmap(self, timeout_ms):
+    def request_free_page_bitmap(self, timeout_ms, drop_cache="none"):
         self.calls += 1
         bits = np.zeros(NPAGES, dtype=bool)
         bits[FREE] = True
@@ -86,6 +86,12 @@ class FakeSource:
 
     def enter_postmigrate(self):
         self.status = "postmigrate"
+
+    def lock_storage(self):
+        pass
+
+    def unlock_storage(self):
+        pass
 
     def save_state(self):
         return {"counter": self.counter, "regs": {"rip": 0x1000}, "blob": b"\x01\x02"}

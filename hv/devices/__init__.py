@@ -15,6 +15,9 @@ save, and unquiesce() before the vCPUs run again. In between, a device does
 nothing from its own threads (timers, I/O threads, control commands) that
 writes guest memory or changes an interrupt line; what it must still do
 waits for unquiesce(). The saved state then is the state the guest left.
+
+lock_storage() / unlock_storage(): see DeviceModel; shared storage changes
+hands between two VMMs with them during a migration.
 """
 
 from __future__ import annotations
@@ -86,6 +89,15 @@ class DeviceModel:
 
     def unquiesce(self) -> None:
         pass
+
+    def lock_storage(self) -> None:
+        """Take what only one VMM may use (a disk image's lock): the machine
+        calls it before its vCPUs first run, here or on a migration's
+        destination. Raises HvError saying who holds it."""
+
+    def unlock_storage(self) -> None:
+        """Give it up: a migration source after its final pause, so that the
+        destination can take it; lock_storage() again if the migration fails."""
 
     def close(self) -> None:
         pass

@@ -59,6 +59,9 @@ class Cancelled(MigrationError):
 
 DIRTY_LOGS = ("auto", "bitmap", "ring", "vmm")
 FREE_PAGE_MODES = ("bitmap", "hint", "off")
+#: with the free page bitmap: what the guest drops before its snapshot
+#: (Liang Li's 2016 drop-cache request): clean page cache, or that and slab
+DROP_CACHES = ("none", "pagecache", "all")
 #: what a migration does when the rest cannot be sent within downtime_ms:
 #: cancel (and resume the source), force (pause anyway, and say so), or
 #: iterate (keep sending rounds past max_rounds until it fits or is cancelled)
@@ -80,6 +83,7 @@ class MigrationParams:
                                         # the bitmap; "vmm": no KVM (tests)
     timeout_s: float = 60.0             # any single send/receive
     free_page_timeout_ms: int = 30000   # waiting for the balloon's bitmap
+    drop_cache: str = "none"            # bitmap: what the guest drops first (DROP_CACHES)
     hint_wait_ms: int = 0               # let hints arrive before the bulk pass
     progress: bool = False              # a status line on stderr
     shutdown_source: bool = True        # stop the source machine when completed
@@ -107,6 +111,7 @@ class MigrationParams:
         "dirty_log": (params.choice, DIRTY_LOGS),
         "timeout_s": (params.number, 0.001, 86400),
         "free_page_timeout_ms": (params.integer, 0, 3_600_000),
+        "drop_cache": (params.choice, DROP_CACHES),
         "hint_wait_ms": (params.integer, 0, 3_600_000),
         "progress": (params.boolean,),
         "shutdown_source": (params.boolean,),
@@ -205,6 +210,7 @@ class Migration:
         self._t0 = None
         self._holding_pause = False
         self._complete_sent = False
+        self._storage_released = False
         self._lock = threading.Lock()
         self._balloon = None
         self._rtt_ms = 0.0
@@ -344,6 +350,15 @@ class Migration:
         except Exception:
             pass
         if self._holding_pause:
+            if self._storage_released and not (self._complete_sent and not peer_said):
+                # The destination did not resume: the disks are ours again.
+                try:
+                    self.machine.lock_storage()
+                    self._storage_released = False
+                except Exception as le:
+                    reason += (f"; the source cannot take its storage back ({le}), so it "
+                               "stays paused")
+                    self.machine.pause(PAUSE_USER)
             if self._complete_sent and not peer_said:
                 # COMPLETE went out and no answer came: the destination may
                 # run the guest. Never run it here too; leave the choice to
@@ -525,7 +540,8 @@ class Migration:
             return None
         try:
             if mode == "bitmap":
-                words, info = b.request_free_page_bitmap(self.p.free_page_timeout_ms)
+                words, info = b.request_free_page_bitmap(self.p.free_page_timeout_ms,
+                                                         drop_cache=self.p.drop_cache)
                 with self._lock:
                     self.s.free_page_info = dict(info)
                 return pages.as_bitmap(words, self.npages)
@@ -762,6 +778,11 @@ class Migration:
             st0.send(Ranges(Command.VERIFY, s, c, hashes=hashes))
         t5 = time.monotonic()
         parts["verify"] = (t5 - t4) * 1000
+        # Shared storage changes hands: flushed at the pause, its locks go now
+        # and the destination takes them when it resumes (Cloud Hypervisor's
+        # order); _fail takes them back if the destination never runs.
+        self.machine.unlock_storage()
+        self._storage_released = True
         for extra in self.streams[1:]:
             extra.send(Control(Command.COMPLETE))
         st0.send(Control(Command.COMPLETE))

@@ -77,6 +77,9 @@ class MachineConfig:
     #: Balloon(...) keyword arguments, by name or alias with typed or string
     #: values: {"reporting": "off", "hint": False, "stats_interval_s": 5}
     balloon_options: dict = field(default_factory=dict)
+    #: virtio-blk disks: paths, {"path", "readonly", "serial"} dicts or
+    #: "path=FILE[,readonly=on]" strings (hv.devices.virtio.blk.disk_options)
+    disks: list = field(default_factory=list)
 
 
 #: the smallest dirty ring KVM takes: one page (and at least its reserved entries)

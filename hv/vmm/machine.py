@@ -58,6 +58,21 @@ MAX_CPU_THROTTLE = 99
 CONSOLE_INPUT_TIMEOUT_S = 5.0
 
 
+def _open_disks(disks) -> list:
+    from ..devices.virtio.blk import Blk, disk_options
+    if not isinstance(disks, (list, tuple)):
+        raise MachineError("disks is not a list")
+    opened: list = []
+    try:
+        for item in disks:
+            opened.append(Blk(**disk_options(item)))
+    except BaseException:
+        for d in opened:
+            d.close()
+        raise
+    return opened
+
+
 class KvmIrqLine(IrqLine):
     """A GSI of the in-kernel irqchip, driven with KVM_IRQ_LINE."""
 
@@ -78,7 +93,14 @@ class Machine:
             raise MachineError(f"guest memory of {config.mem_mib} MiB is out of range: give "
                                f"between {MIN_MEM_MIB} and {most} MiB (this host's RAM)")
         self._balloon_kwargs = balloon_kwargs(config) if config.balloon else {}
-        self.kvm = K.Kvm()
+        #: virtio-blk devices; their images are opened first so a bad one fails early
+        self.disks = _open_disks(config.disks)
+        try:
+            self.kvm = K.Kvm()
+        except BaseException:
+            for d in self.disks:
+                d.close()
+            raise
         max_cpus = min(self.kvm.check_extension(lib.KVM_CAP_MAX_VCPUS)
                        or self.kvm.check_extension(lib.KVM_CAP_NR_VCPUS) or 1,
                        mptable.MAX_CPUS)
@@ -173,6 +195,8 @@ class Machine:
 
         if config.balloon:
             self._add_balloon()
+        for d in self.disks:
+            self.add_virtio_mmio(d)
 
     # -- helpers ---------------------------------------------------------------------
     def irq_line(self, gsi: int) -> KvmIrqLine:
@@ -347,9 +371,29 @@ class Machine:
         with self._cond:
             return frozenset(self._holds)
 
+    def lock_storage(self) -> None:
+        """Take every device's exclusive storage (disk image locks) before the
+        guest runs here; raises HvError naming an image another VMM holds."""
+        taken = []
+        try:
+            for d in self.devices():
+                d.lock_storage()
+                taken.append(d)
+        except BaseException:
+            for d in taken:
+                d.unlock_storage()
+            raise
+
+    def unlock_storage(self) -> None:
+        """Give the storage locks up (paused: a migration hands them over)."""
+        for d in self.devices():
+            d.unlock_storage()
+
     def start(self) -> None:
         """Run the vCPU thread(s); they stay paused while anyone holds a pause."""
         with self._lifecycle:
+            if not self._threads:
+                self.lock_storage()
             with self._cond:
                 if self._threads:
                     raise MachineError("machine already started")
@@ -418,6 +462,11 @@ class Machine:
     def resume(self, owner: str = PAUSE_USER) -> None:
         """Drop owner's hold; the vCPUs run again once nobody holds a pause."""
         with self._lifecycle:
+            if self._threads and self.pause_holders <= {owner} and \
+                    self._status not in (STATUS_SHUTDOWN, STATUS_POSTMIGRATE):
+                # a source whose migration failed after it gave its disks up:
+                # it runs only with them back (raises and stays paused otherwise)
+                self.lock_storage()
             with self._cond:
                 if self._status == STATUS_SHUTDOWN:
                     raise MachineError("the guest is shut down")

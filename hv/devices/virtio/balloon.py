@@ -7,7 +7,7 @@ Constants and wire layouts live in balloon_defs.
 
 What migration uses (all thread-safe, callable from a non-vCPU thread):
 
-  request_free_page_bitmap(timeout_ms) -> (words, info)
+  request_free_page_bitmap(timeout_ms, drop_cache="none") -> (words, info)
       Writes a new bitmap command id to config and raises a config interrupt;
       the patched guest driver snapshots its buddy allocator's free lists and
       answers in chunks on the bitmap queue. words is a KVM-layout uint64
@@ -44,8 +44,8 @@ from ...memory import (PAGE_SHIFT, PAGE_SIZE, GuestMemory, bitmap_words, pack_bi
 from .. import DeviceStateError, checked_state
 from .balloon_defs import (
     BITMAP_F_ABORTED, BITMAP_F_LAST, BITMAP_HDR, CFG_ACTUAL, CFG_FREE_PAGE_BITMAP_CMD_ID,
-    CFG_FREE_PAGE_HINT_CMD_ID, CFG_NUM_PAGES, CFG_POISON_VAL, CMD_ID_DONE, CMD_ID_STOP,
-    CONFIG_SIZE, F_DEFLATE_ON_OOM, F_FREE_PAGE_BITMAP, F_FREE_PAGE_HINT, F_MUST_TELL_HOST,
+    CFG_FREE_PAGE_BITMAP_DROP, CFG_FREE_PAGE_HINT_CMD_ID, CFG_NUM_PAGES, CFG_POISON_VAL, CMD_ID_DONE, CMD_ID_STOP,
+    CONFIG_SIZE, DROP_CACHE, F_DEFLATE_ON_OOM, F_FREE_PAGE_BITMAP, F_FREE_PAGE_HINT, F_MUST_TELL_HOST,
     F_PAGE_POISON, F_REPORTING, F_STATS_VQ, FEATURE_NAMES, PFN_SHIFT, QUEUE_ROLES, STAT,
     STAT_NAMES, VIRTIO_ID_BALLOON, BalloonError, BalloonTimeout)
 from .device import VirtioDevice
@@ -174,6 +174,7 @@ class Balloon(VirtioDevice):
         self.reported_bytes = 0
         # free page bitmap
         self.bitmap_cmd_id = 0
+        self.bitmap_drop = 0
         self._bm: dict | None = None
         self.bitmap_rounds = 0
         self.counters = {"inflated_pages": 0, "deflated_pages": 0, "bad_pfns": 0}
@@ -215,7 +216,8 @@ class Balloon(VirtioDevice):
         for off, value in ((CFG_NUM_PAGES, self.num_pages), (CFG_ACTUAL, self.actual),
                            (CFG_FREE_PAGE_HINT_CMD_ID, self._hint_config_id()),
                            (CFG_POISON_VAL, self.poison_val),
-                           (CFG_FREE_PAGE_BITMAP_CMD_ID, self.bitmap_cmd_id)):
+                           (CFG_FREE_PAGE_BITMAP_CMD_ID, self.bitmap_cmd_id),
+                           (CFG_FREE_PAGE_BITMAP_DROP, self.bitmap_drop)):
             struct.pack_into("<I", cfg, off, value)
         return cfg
 
@@ -505,8 +507,14 @@ class Balloon(VirtioDevice):
             self._cond.notify_all()
         return True
 
-    def request_free_page_bitmap(self, timeout_ms: int = 30000) -> tuple[np.ndarray, dict]:
-        """Ask the guest for a snapshot of its free pages; see the module docstring."""
+    def request_free_page_bitmap(self, timeout_ms: int = 30000,
+                                 drop_cache: str = "none") -> tuple[np.ndarray, dict]:
+        """Ask the guest for a snapshot of its free pages; see the module
+        docstring. drop_cache (none, pagecache, all) asks it to drop clean
+        page cache (and reclaimable slab) first, so those pages are free too."""
+        if drop_cache not in DROP_CACHE:
+            raise BalloonError(f"drop_cache {drop_cache!r} is not one of "
+                               + ", ".join(DROP_CACHE))
         with self.lock:
             if not self.active or not self.has_feature(F_FREE_PAGE_BITMAP):
                 raise BalloonError(
@@ -526,6 +534,7 @@ class Balloon(VirtioDevice):
                 self._bm["done"] = True
             self._bm = bm
             self.bitmap_cmd_id = cmd_id
+            self.bitmap_drop = DROP_CACHE[drop_cache]
             self.config_changed()
             self._cond.notify_all()
             ok = self._cond.wait_for(lambda: bm["done"], timeout_ms / 1000)
@@ -539,7 +548,7 @@ class Balloon(VirtioDevice):
             self.bitmap_rounds += 1
             bits = bm["bits"]
             # Pages in the balloon are free for the host too (they read as zero).
-            info = {"cmd_id": cmd_id, "free_pages": int(bits.sum()),
+            info = {"cmd_id": cmd_id, "free_pages": int(bits.sum()), "drop_cache": drop_cache,
                     "total_pages": self.npages, "guest_pfns": bm["guest_pfns"],
                     "chunks": bm["chunks"],
                     "elapsed_ms": round((bm["end"] - bm["start"]) * 1000, 3)}
@@ -577,9 +586,10 @@ class Balloon(VirtioDevice):
                     "poison_value": self.poison_value()}
 
     def _cmd_bitmap(self, args: dict):
-        params.refuse_unknown("request-free-page-bitmap", args, ("timeout_ms",))
+        params.refuse_unknown("request-free-page-bitmap", args, ("timeout_ms", "drop_cache"))
         _, info = self.request_free_page_bitmap(
-            params.take(args, "timeout_ms", params.integer, 1, 600_000, default=30000))
+            params.take(args, "timeout_ms", params.integer, 1, 600_000, default=30000),
+            params.take(args, "drop_cache", params.choice, tuple(DROP_CACHE), default="none"))
         return {"free_pages": info["free_pages"], "total_pages": info["total_pages"],
                 "elapsed_ms": info["elapsed_ms"], "chunks": info["chunks"]}
 
@@ -602,7 +612,7 @@ class Balloon(VirtioDevice):
                 "hint_seq": self._hint_seq,
                 "hinted": pack_bitmap(self.hinted).tobytes(),
                 "bitmap_cmd_id": self.bitmap_cmd_id, "bitmap_seq": self._bitmap_seq,
-                "reported_bytes": self.reported_bytes,
+                "bitmap_drop": self.bitmap_drop, "reported_bytes": self.reported_bytes,
                 "counters": dict(self.counters),
             }
 
@@ -612,7 +622,8 @@ class Balloon(VirtioDevice):
         fields = {"num_pages": pages, "actual": u32, "poison_val": u32, "inflated": bytes,
                   "hint_status": frozenset((HINT_STOP, HINT_REQUESTED, HINT_START, HINT_DONE)),
                   "hint_cmd_id": u32, "hint_seq": u32, "hinted": bytes,
-                  "bitmap_cmd_id": u32, "bitmap_seq": u32, "reported_bytes": u64}
+                  "bitmap_cmd_id": u32, "bitmap_seq": u32,
+                  "bitmap_drop": frozenset(DROP_CACHE.values()), "reported_bytes": u64}
         checked_state(self.name, {k: state.get(k) for k in fields} if isinstance(state, dict)
                       else state, fields)
         for key in ("inflated", "hinted"):
@@ -642,5 +653,6 @@ class Balloon(VirtioDevice):
             self.hinted = bits(state["hinted"])
             self.bitmap_cmd_id = state["bitmap_cmd_id"]
             self._bitmap_seq = state["bitmap_seq"]
+            self.bitmap_drop = state["bitmap_drop"]
             self.reported_bytes = state["reported_bytes"]
             self.counters = dict(state["counters"])

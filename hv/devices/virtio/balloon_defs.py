@@ -41,7 +41,12 @@ CFG_ACTUAL = 4               # guest: pages in the balloon now
 CFG_FREE_PAGE_HINT_CMD_ID = 8  # host: hint command id (0 STOP, 1 DONE, >= 2 a round)
 CFG_POISON_VAL = 12          # guest: the value free pages hold (PAGE_POISON)
 CFG_FREE_PAGE_BITMAP_CMD_ID = 16  # host: bitmap request id (hv extension, 0 = none)
-CONFIG_SIZE = 20
+CFG_FREE_PAGE_BITMAP_DROP = 20    # host: what the guest drops before the snapshot
+CONFIG_SIZE = 24
+
+#: free page bitmap drop_cache: the values of /proc/sys/vm/drop_caches the
+#: guest applies before its snapshot (guest-images/patches/0011-...)
+DROP_CACHE = {"none": 0, "pagecache": 1, "all": 3}
 
 CMD_ID_STOP = 0
 CMD_ID_DONE = 1

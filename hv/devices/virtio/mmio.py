@@ -421,5 +421,11 @@ class VirtioMmioTransport(Device):
             self.device.unquiesce()
             self._update_line()
 
+    def lock_storage(self) -> None:
+        self.device.lock_storage()
+
+    def unlock_storage(self) -> None:
+        self.device.unlock_storage()
+
     def close(self) -> None:
         self.device.close()
