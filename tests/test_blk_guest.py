@@ -60,7 +60,7 @@ class Shell:
 
 
 def machine(images, disk, console):
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     kernel, initrd = images
     m = Machine(MachineConfig(mem_mib=64, kernel=kernel, initrd=initrd,
                               disks=[{"path": disk}]))
@@ -144,7 +144,7 @@ def test_free_page_bitmap_drops_the_page_cache_first(linux_images, tmp_path):
     """drop_cache=pagecache on the bitmap request: a file's clean page cache
     (read from the disk) is dropped in the guest before the snapshot, so its
     pages count as free; drop_cache=none leaves it."""
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     src_dir = tmp_path / "content"
     src_dir.mkdir()
     (src_dir / "big.bin").write_bytes(os.urandom(12 << 20))

@@ -405,7 +405,7 @@ def test_run_guest_refuses_a_locked_image(tmp_path):
 def test_machine_takes_the_lock_to_run(tmp_path):
     """start() locks the disks; a paused machine that gave its locks up
     (a migration source) runs again only once it has them back."""
-    from hv.machine import Machine, MachineConfig
+    from hv.vmm import Machine, MachineConfig
     from tests.conftest import GUESTS
     img = image(tmp_path)
     m = Machine(MachineConfig(mem_mib=64, kernel=os.path.join(GUESTS, "pvh-idle.elf"),
