@@ -108,9 +108,14 @@ class TlsCredentials:
         """The source's: presents client-cert.pem, verifies the destination's
         certificate against the CA and (check_hostname) the name it dialed."""
         ctx = self._context("client")
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.check_hostname = True
+        # verify-peer off (QEMU's option, client only): encrypted, not authenticated
+        ctx.check_hostname = self.verify_peer
+        ctx.verify_mode = ssl.CERT_REQUIRED if self.verify_peer else ssl.CERT_NONE
         return ctx
+
+    def with_authz(self, authz: list[str] | None) -> "TlsCredentials":
+        """The same credentials admitting only client CNs in authz."""
+        return TlsCredentials(self.dir, self.endpoint, authz, self.verify_peer, self.id)
 
     def authorize(self, peercert: dict | None) -> str | None:
         """None when authz admits this client certificate, else why not."""
@@ -121,6 +126,15 @@ class TlsCredentials:
             return None
         return (f"client certificate CN {cn!r} is not in tls-authz "
                 f"({', '.join(self.authz) or 'empty'})")
+
+
+def objects(machine) -> dict:
+    """The machine's credentials objects by id (QMP object-add, run-guest
+    --tls-dir's tls0)."""
+    objs = getattr(machine, "tls_objects", None)
+    if objs is None:
+        objs = machine.tls_objects = {}
+    return objs
 
 
 def peer_cn(peercert: dict | None) -> str | None:

@@ -302,3 +302,97 @@ def test_credentials_errors_name_the_file(tmp_path, creds_dir):
     modes = {n: os.stat(os.path.join(creds_dir, n)).st_mode & 0o777
              for n in ("server-key.pem", "client-key.pem")}
     assert set(modes.values()) == {0o600}
+
+
+# ------------------------------------------------------------------ QMP
+
+def _qmp_machine(m):
+    m.status_listeners, m.shutdown_reason = [], None
+    m.request_shutdown = getattr(m, "request_shutdown", lambda reason: None)
+    return m
+
+
+def _run(cmds, name, args=None):
+    c = cmds[name]
+    c.check(args or {})
+    return c.handler(args or {})
+
+
+def _free_port():
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        return s.getsockname()[1]
+
+
+def test_qmp_object_add_and_tls_parameters_migrate_over_tls(creds_dir):
+    from hv.migration.incoming import IncomingMigration
+    from hv.qmp_commands import PREFIX, QemuMonitor
+    src = _qmp_machine(FakeSource())
+    dst = _qmp_machine(FakeDest())
+    dst.commands = {}
+    smon, dmon = QemuMonitor(src), QemuMonitor(dst)
+    scmds, dcmds = smon.commands(), dmon.commands()
+    IncomingMigration.of(dst).configure(prefault=False, verbose=False)
+    IncomingMigration.of(dst).defer()
+
+    _run(dcmds, "object-add", {"qom-type": "tls-creds-x509", "id": "tls0", "dir": creds_dir,
+                               "endpoint": "server"})
+    _run(dcmds, "migrate-set-parameters", {"tls-creds": "tls0",
+                                           PREFIX + "tls-authz-names": ["hv-source"]})
+    port = _free_port()
+    _run(dcmds, "migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
+
+    _run(scmds, "object-add", {"qom-type": "tls-creds-x509", "id": "sec0", "dir": creds_dir,
+                               "endpoint": "client"})
+    _run(scmds, "migrate-set-parameters", {"tls-creds": "sec0", "tls-hostname": "localhost",
+                                           PREFIX + "dirty-log": "vmm",
+                                           PREFIX + "verify": True})
+    q = _run(scmds, "query-migrate-parameters")
+    assert (q["tls-creds"], q["tls-hostname"], q["tls-authz"]) == ("sec0", "localhost", "")
+    _run(scmds, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
+    smon.migrations.current.wait(20)
+    assert smon.migrations.current.query()["status"] == "completed", \
+        smon.migrations.current.query()
+    IncomingMigration.of(dst).thread.join(10)
+    assert IncomingMigration.of(dst).status == "completed"
+    assert dst.running and IncomingMigration.of(dst).receiver.verified
+    assert (src.memory.array() == dst.memory.array()).all()   # free pages "off": all sent
+
+    # TLS off again: "" is QEMU's way
+    _run(scmds, "migrate-set-parameters", {"tls-creds": ""})
+    assert "tls" not in smon._hv_args(smon.parameters, smon.capabilities, "tcp:h:1")
+    _run(scmds, "object-del", {"id": "sec0"})
+    src.close()
+
+
+def test_qmp_tls_errors_are_clear(creds_dir, tmp_path):
+    from hv.qmp import QmpError
+    from hv.qmp_commands import PREFIX, QemuMonitor
+    m = _qmp_machine(FakeDest())
+    m.commands = {}
+    mon = QemuMonitor(m)
+    cmds = mon.commands()
+    with pytest.raises(QmpError, match="is not a directory"):
+        _run(cmds, "object-add", {"qom-type": "tls-creds-x509", "id": "t",
+                                  "dir": str(tmp_path / "none")})
+    with pytest.raises(QmpError, match="tls-creds-x509 only"):
+        _run(cmds, "object-add", {"qom-type": "tls-creds-psk", "id": "t", "dir": creds_dir})
+    with pytest.raises(QmpError, match="verify-peer must stay true"):
+        _run(cmds, "object-add", {"qom-type": "tls-creds-x509", "id": "t", "dir": creds_dir,
+                                  "endpoint": "server", "verify-peer": False})
+    with pytest.raises(QmpError, match="no tls-creds-x509 object 'nope'"):
+        _run(cmds, "migrate-set-parameters", {"tls-creds": "nope"})
+    _run(cmds, "object-add", {"qom-type": "tls-creds-x509", "id": "t", "dir": creds_dir,
+                              "endpoint": "server"})
+    with pytest.raises(QmpError, match="Duplicate ID 't'"):
+        _run(cmds, "object-add", {"qom-type": "tls-creds-x509", "id": "t", "dir": creds_dir})
+    with pytest.raises(QmpError, match="tls-authz-names"):
+        _run(cmds, "migrate-set-parameters", {"tls-authz": "authz0"})
+    _run(cmds, "migrate-set-parameters", {"tls-creds": "t"})
+    with pytest.raises(QmpError, match="in use"):
+        _run(cmds, "object-del", {"id": "t"})
+    with pytest.raises(QmpError, match="endpoint 'client'"):
+        _run(cmds, "migrate", {"uri": "tcp:127.0.0.1:1"})     # server credentials
+    with pytest.raises(QmpError, match="not found"):
+        _run(cmds, "object-del", {"id": "zz"})
+    assert _run(cmds, "query-migrate-parameters")["tls-creds"] == "t"
+    assert PREFIX + "tls-authz-names" not in _run(cmds, "query-migrate-parameters")
