@@ -396,3 +396,57 @@ def test_qmp_tls_errors_are_clear(creds_dir, tmp_path):
         _run(cmds, "object-del", {"id": "zz"})
     assert _run(cmds, "query-migrate-parameters")["tls-creds"] == "t"
     assert PREFIX + "tls-authz-names" not in _run(cmds, "query-migrate-parameters")
+
+
+# ------------------------------------------------------------ TlsStream
+
+def _tls_pair(creds_dir):
+    import ssl
+    lst = socket.create_server(("127.0.0.1", 0))
+    out = {}
+
+    def accept():
+        c, _ = lst.accept()
+        out["server"] = server(creds_dir).server_context().wrap_socket(c, server_side=True)
+    th = threading.Thread(target=accept, daemon=True)
+    th.start()
+    c = socket.create_connection(lst.getsockname())
+    cli = client(creds_dir).client_context().wrap_socket(c, server_hostname="127.0.0.1")
+    th.join(5)
+    lst.close()
+    assert isinstance(cli, ssl.SSLSocket)
+    return cli, out["server"]
+
+
+def test_tls_stream_pages_rate_and_timeout(creds_dir):
+    import numpy as np
+    from hv.memory import GuestMemory
+    from hv.migration.protocol import MigrationError
+    from hv.migration.transport import TLS_BATCH_PAGES, TlsStream
+    a, b = _tls_pair(creds_dir)
+    tx = TlsStream(a, timeout=5, rate_bytes_per_sec=8 << 20)
+    rx = TlsStream(b, timeout=5)
+    src, dst = GuestMemory(4 << 20), GuestMemory(4 << 20)
+    src.array()[:] = np.random.default_rng(3).integers(0, 256, 4 << 20, dtype=np.uint8)
+    # scattered single pages and a run longer than one batch
+    starts = np.array([1, 5, 7, 100], dtype=np.uint64)
+    counts = np.array([1, 1, 2, TLS_BATCH_PAGES + 40], dtype=np.uint64)
+    n = int(counts.sum()) * PAGE_SIZE
+    t0 = time.monotonic()
+    th = threading.Thread(target=tx.write_pages, args=(src, starts, counts))
+    th.start()
+    assert rx.read_pages(dst, starts, counts) == n
+    th.join()
+    assert time.monotonic() - t0 > 0.8 * n / (8 << 20) - 0.06   # the bucket's burst
+    assert tx.bytes_out == n and rx.bytes_in == n
+    for s, c in zip(starts.tolist(), counts.tolist()):
+        sl = slice(s * PAGE_SIZE, (s + c) * PAGE_SIZE)
+        assert (src.array()[sl] == dst.array()[sl]).all()
+    assert not dst.array()[2 * PAGE_SIZE:5 * PAGE_SIZE].any()   # nothing else written
+    rx.timeout = 0.2
+    t0 = time.monotonic()
+    with pytest.raises(MigrationError, match="receiving"):
+        rx.read(8)                                  # the peer sends nothing
+    assert time.monotonic() - t0 < 2
+    tx.close()
+    rx.close()
