@@ -70,7 +70,8 @@ def _tls_credentials(name: str, value):
     """hv.params check of MigrationParams.tls: credentials or None."""
     from ..tls import TlsCredentials
     if value is not None and not isinstance(value, TlsCredentials):
-        raise params.ParameterError(f"'{name}' expects TLS credentials (hv.tls.TlsCredentials)")
+        raise params.ParameterError(f"'{name}' expects TLS credentials (hv.tls.TlsCredentials); "
+                                    f"over QMP: object-add a tls-creds-x509 and set tls-creds")
     if value is not None and value.endpoint == "server":
         raise params.ParameterError(f"'{name}': credentials of endpoint 'server' cannot "
                                     f"start a migration; the source needs endpoint 'client'")
