@@ -450,3 +450,34 @@ def test_tls_stream_pages_rate_and_timeout(creds_dir):
     assert time.monotonic() - t0 < 2
     tx.close()
     rx.close()
+
+
+# ------------------------------------------------------------ a KVM guest
+
+@pytest.mark.kvm
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
+def test_tiny_kvm_guest_migrates_over_tls_and_keeps_counting(creds_dir):
+    from test_migration_kvm import counter, make_machine, writer_guest
+    src, dst = writer_guest(), make_machine()
+    try:
+        port, t, res = start_receiver(dst, tls=server(creds_dir))
+        m = Migration(src, MigrationParams(uri=f"tcp:127.0.0.1:{port}", free_pages="off",
+                                           verify=True, connections=3, downtime_ms=500,
+                                           tls=client(creds_dir)))
+        m.run()
+        t.join(30)
+        q = m.query()
+        assert q["status"] == "completed", q
+        assert "error" not in res, res.get("error")
+        assert res["rx"].verified
+        c0 = counter(dst)
+        deadline = time.monotonic() + 20
+        while counter(dst) <= c0 + 1000:
+            assert time.monotonic() < deadline, "guest does not run on the destination"
+            time.sleep(0.01)
+    finally:
+        for mach in (src, dst):
+            try:
+                mach.close()
+            except Exception:
+                pass
