@@ -481,3 +481,34 @@ def test_tiny_kvm_guest_migrates_over_tls_and_keeps_counting(creds_dir):
                 mach.close()
             except Exception:
                 pass
+
+
+def test_run_guest_tls_dir_errors_are_one_line(tmp_path, capsys, creds_dir):
+    from hv.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--tls-dir", str(tmp_path / "none"), "--incoming", "defer"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "Traceback" not in err[0]
+    assert "--tls-dir" in err[0] and "make-creds" in err[0]
+    d = tmp_path / "half"
+    shutil.copytree(creds_dir, d)
+    os.remove(d / "server-key.pem")
+    with pytest.raises(SystemExit) as e:
+        main(["--tls-dir", str(d), "--incoming", "defer"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "server-key.pem is missing" in err[0]
+
+
+def test_make_creds_command(tmp_path, capsys):
+    from hv.tls import main
+    assert main(["make-creds", str(tmp_path / "c"), "--hostname", "dest.example.org",
+                 "--client-name", "src1"]) == 0
+    c = TlsCredentials(str(tmp_path / "c"))
+    c.server_context()
+    c.client_context("dest.example.org")
+    from cryptography import x509
+    with open(tmp_path / "c" / "server-cert.pem", "rb") as f:
+        cert = x509.load_pem_x509_certificate(f.read())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "dest.example.org" in san.get_values_for_type(x509.DNSName)
+    assert os.stat(tmp_path / "c" / "client-key.pem").st_mode & 0o777 == 0o600
