@@ -16,6 +16,11 @@ figures (pages skipped as free or zero, the rounds); the console, the vCPU
 exit counts and the free page bitmap are prefixed commands. A client that
 knows none of them gets hv's defaults.
 
+TLS as in QEMU: object-add {"qom-type": "tls-creds-x509", "id", "dir",
+"endpoint"}, then migrate-set-parameters {"tls-creds": id, "tls-hostname"};
+hv has no authz objects, so the destination's allowed client CNs go in
+__io.github.hv_tls-authz-names (tls-authz takes "" only).
+
 Events (sent through emit(event, data)): STOP, RESUME, SHUTDOWN, and, with
 the "events" capability on as in QEMU, MIGRATION and MIGRATION_PASS;
 BALLOON_CHANGE.

@@ -7,7 +7,10 @@ protocol, the message sequence and the state diagram are in
 hv.migration.protocol; Receiver below is the (state, command) machine.
 Connections are accepted on a thread: a new one has HANDSHAKE_TIMEOUT to send
 its HELLO, and once connection 0 of a source is admitted only that source's
-other connections are; a second source is refused with ERROR at once.
+other connections are; a second source is refused with ERROR at once. With
+TLS credentials (receive(tls=...)), each connection must be TLS with a client
+certificate of the CA; the first byte tells a plain source from a TLS one,
+and the wrong kind is refused, logged, and does not end the wait.
 
 Whatever goes wrong (malformed stream, wrong version, out-of-order command,
 dropped connection, CANCEL, a page hash that does not match) raises
