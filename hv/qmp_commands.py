@@ -16,6 +16,11 @@ figures (pages skipped as free or zero, the rounds); the console, the vCPU
 exit counts and the free page bitmap are prefixed commands. A client that
 knows none of them gets hv's defaults.
 
+TLS as in QEMU: object-add {"qom-type": "tls-creds-x509", "id", "dir",
+"endpoint"}, then migrate-set-parameters {"tls-creds": id, "tls-hostname"};
+hv has no authz objects, so the destination's allowed client CNs go in
+__io.github.hv_tls-authz-names (tls-authz takes "" only).
+
 Events (sent through emit(event, data)): STOP, RESUME, SHUTDOWN, and, with
 the "events" capability on as in QEMU, MIGRATION and MIGRATION_PASS;
 BALLOON_CHANGE.
@@ -28,6 +33,7 @@ import time
 from typing import Callable
 
 from . import __version__
+from . import tls as hv_tls
 from .memory import PAGE_SIZE
 from .migration import snapshot
 from .migration.commands import install as install_migration
@@ -80,7 +86,12 @@ PARAMETER_TYPES = {
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
     PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
     "cpu-throttle-initial": "int", "cpu-throttle-increment": "int", "max-cpu-throttle": "int",
+    "tls-creds": "str", "tls-hostname": "str", "tls-authz": "str",
+    PREFIX + "tls-authz-names": "list",
 }
+#: TLS parameters: object ids and names, turned into MigrationParams.tls by
+#: _hv_args (the destination's into IncomingMigration's tls by migrate-incoming)
+TLS_PARAMETERS = ("tls-creds", "tls-hostname", "tls-authz", PREFIX + "tls-authz-names")
 
 #: hv's migration statuses that QEMU spells otherwise
 _INCOMING_STATUS = {"deferred": "none", "starting": "setup"}
@@ -100,6 +111,7 @@ def _defaults() -> dict:
         "cpu-throttle-initial": d.cpu_throttle_initial,
         "cpu-throttle-increment": d.cpu_throttle_increment,
         "max-cpu-throttle": d.max_cpu_throttle,
+        "tls-creds": "", "tls-hostname": "", "tls-authz": "",
     }
 
 
@@ -182,6 +194,10 @@ class QemuMonitor:
                                                 {"capabilities": "list"}),
             "query-migrate-capabilities": Command(self.query_capabilities),
             "query-migrate": Command(self.query_migrate),
+            "object-add": Command(self.object_add, {"qom-type": "str", "id": "str",
+                                                    "*dir": "str", "*endpoint": "str",
+                                                    "*verify-peer": "bool"}),
+            "object-del": Command(self.object_del, {"id": "str"}),
             "balloon": Command(self.balloon, {"value": "int"}),
             "query-balloon": Command(self.query_balloon),
             PREFIX + "console-input": Command(self.console_input,
@@ -232,9 +248,68 @@ class QemuMonitor:
     def set_parameters(self, args: dict) -> dict:
         with self._lock:
             merged = {**self.parameters, **args}
-            self._check(self._hv_args(merged, self.capabilities, "tcp:127.0.0.1:0"))
+            hv_args = self._hv_args(merged, self.capabilities, "tcp:127.0.0.1:0")
+            # the destination's credentials (endpoint server) are checked by
+            # migrate and migrate-incoming, each for its own side
+            hv_args.pop("tls", None)
+            self._check(hv_args)
             self.parameters.update(args)
         return {}
+
+    # -- objects: tls-creds-x509 ------------------------------------------------------
+    def object_add(self, args: dict) -> dict:
+        if args["qom-type"] != "tls-creds-x509":
+            raise QmpError(f"hv cannot create objects of type '{args['qom-type']}'; it has "
+                           f"tls-creds-x509 only")
+        oid = args["id"]
+        objs = hv_tls.objects(self.machine)
+        if oid in objs:
+            raise QmpError(f"Duplicate ID '{oid}' for object")
+        if "dir" not in args:
+            raise QmpError("tls-creds-x509 needs 'dir': the directory of ca-cert.pem and "
+                           "the server's or client's certificate and key")
+        endpoint = args.get("endpoint", "client")
+        if endpoint not in hv_tls.ENDPOINTS:
+            raise QmpError("Parameter 'endpoint' expects 'client' or 'server'")
+        verify = args.get("verify-peer", True)
+        if endpoint == "server" and not verify:
+            raise QmpError("verify-peer must stay true for endpoint 'server': hv's "
+                           "destination always requires the source's certificate")
+        try:
+            objs[oid] = hv_tls.TlsCredentials(args["dir"], endpoint, verify_peer=verify,
+                                              id=oid)
+        except hv_tls.TlsError as e:
+            raise QmpError(str(e)) from None
+        return {}
+
+    def object_del(self, args: dict) -> dict:
+        oid = args["id"]
+        objs = hv_tls.objects(self.machine)
+        if oid not in objs:
+            raise QmpError(f"object '{oid}' not found")
+        if self.parameters.get("tls-creds") == oid:
+            raise QmpError(f"object '{oid}' is in use (tls-creds), can not be deleted")
+        del objs[oid]
+        return {}
+
+    def _tls_creds(self, parameters: dict):
+        """The credentials object tls-creds names (None for ""), with tls-authz."""
+        oid = parameters.get("tls-creds") or ""
+        authz = parameters.get("tls-authz") or ""
+        if authz:
+            raise QmpError(f"Parameter 'tls-authz': hv has no authz objects ('{authz}'); "
+                           f"list the allowed client certificate CNs in "
+                           f"'{PREFIX}tls-authz-names' instead")
+        names = parameters.get(PREFIX + "tls-authz-names")
+        if names is not None and not all(isinstance(n, str) for n in names):
+            raise QmpError(f"Parameter '{PREFIX}tls-authz-names' expects a list of strings")
+        if not oid:
+            return None
+        creds = hv_tls.objects(self.machine).get(oid)
+        if creds is None:
+            raise QmpError(f"Parameter 'tls-creds': no tls-creds-x509 object '{oid}' "
+                           f"(create it with object-add)")
+        return creds.with_authz(names) if names is not None else creds
 
     def query_parameters(self, args: dict) -> dict:
         out = dict(self.parameters)
@@ -256,7 +331,13 @@ class QemuMonitor:
         """QMP's parameters and capabilities -> the arguments of hv's migrate
         (MigrationParams fields). The source stays in postmigrate until quit."""
         args: dict = {"uri": uri, "shutdown_source": False}
+        creds = self._tls_creds(parameters)
+        if creds is not None:
+            args["tls"] = creds
+            args["tls_hostname"] = parameters.get("tls-hostname") or ""
         for name, value in parameters.items():
+            if name in TLS_PARAMETERS:
+                continue
             if name == "max-bandwidth" and isinstance(value, int) \
                     and not isinstance(value, bool):
                 value = value / MIB             # bytes/s -> MiB/s
@@ -366,6 +447,13 @@ class QemuMonitor:
 
     def migrate_incoming(self, args: dict) -> dict:
         uri = self._uri(args, "migrate-incoming")
+        with self._lock:
+            creds = self._tls_creds(self.parameters)
+        if creds is not None:
+            if creds.endpoint == "client":
+                raise QmpError(f"Parameter 'tls-creds': object '{creds.id}' has endpoint "
+                               f"'client'; the destination needs endpoint 'server'")
+            self.incoming.configure(tls=creds)      # only TLS sources from now on
         self.incoming.start(uri)
         return {}
 

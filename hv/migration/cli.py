@@ -53,6 +53,15 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _tls_dir(text: str):
+    """argparse type of --tls-dir: a credentials directory with the server's files."""
+    from ..tls import TlsCredentials, TlsError
+    try:
+        return TlsCredentials(text, endpoint="server", id="tls0")
+    except TlsError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("live migration")
     g.add_argument("--incoming", metavar="tcp:HOST:PORT|file:PATH|defer", type=_uri,
@@ -77,18 +86,28 @@ def add_arguments(parser) -> None:
                    help="fault in all of guest RAM while waiting for the source, so pages "
                         "arrive into mapped memory (default on); off keeps the destination's "
                         "memory use to what the source sends")
+    g.add_argument("--tls-dir", metavar="DIR", type=_tls_dir, default=None,
+                   help="TLS credentials (ca-cert.pem, server-cert.pem, server-key.pem; "
+                        "python -m hv.tls make-creds DIR writes them) as object tls0, like "
+                        "QEMU's -object tls-creds-x509,id=tls0,dir=DIR,endpoint=server; an "
+                        "--incoming destination then accepts only TLS sources whose client "
+                        "certificate its CA signed")
 
 
 def setup(args, machine) -> bool:
     if getattr(machine, "migration_commands", None) is None:
         install(machine)
+    creds = getattr(args, "tls_dir", None)
+    if creds is not None:
+        from ..tls import objects
+        objects(machine)[creds.id] = creds
     uri = getattr(args, "incoming", None)
     if not uri:
         return False
     inc = IncomingMigration.of(machine)
     inc.configure(timeout=args.incoming_io_timeout, accept_timeout=args.incoming_timeout,
                   require_verify=args.incoming_require_verify,
-                  prefault=args.incoming_prefault == "on")
+                  prefault=args.incoming_prefault == "on", tls=creds)
     inc.snapshot_mode = args.incoming_snapshot
     if uri == "defer":
         if not getattr(args, "control", None):

@@ -30,10 +30,13 @@ LISTEN_WAIT_S = 10.0
 
 class IncomingMigration:
     def __init__(self, machine, *, timeout: float = 60.0, accept_timeout: float | None = None,
-                 require_verify: bool = False, prefault: bool = True, verbose: bool = True):
+                 require_verify: bool = False, prefault: bool = True, verbose: bool = True,
+                 tls=None):
         self.machine = machine
+        # tls: hv.tls.TlsCredentials (endpoint server): accept TLS sources only
         self.options = dict(timeout=timeout, accept_timeout=accept_timeout,
-                            require_verify=require_verify, prefault=prefault, verbose=verbose)
+                            require_verify=require_verify, prefault=prefault, verbose=verbose,
+                            tls=tls)
         #: none (no incoming migration), deferred (waiting for a URI), then
         #: QEMU's MigrationStatus: setup, active, completed, failed
         self.status = "none"

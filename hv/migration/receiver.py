@@ -7,7 +7,10 @@ protocol, the message sequence and the state diagram are in
 hv.migration.protocol; Receiver below is the (state, command) machine.
 Connections are accepted on a thread: a new one has HANDSHAKE_TIMEOUT to send
 its HELLO, and once connection 0 of a source is admitted only that source's
-other connections are; a second source is refused with ERROR at once.
+other connections are; a second source is refused with ERROR at once. With
+TLS credentials (receive(tls=...)), each connection must be TLS with a client
+certificate of the CA; the first byte tells a plain source from a TLS one,
+and the wrong kind is refused, logged, and does not end the wait.
 
 Whatever goes wrong (malformed stream, wrong version, out-of-order command,
 dropped connection, CANCEL, a page hash that does not match) raises
@@ -32,7 +35,8 @@ from .protocol import (
     FEATURE_VERIFY, FEATURES, VERSION, Command, Control, Hello, MigrationError, PeerError,
     ProtocolError, Ranges, Stream, ack, error, reason)
 from .state_codec import decode_state
-from .transport import SocketStream, format_uri, listen, tune_socket
+from .transport import (TLS_HANDSHAKE_BYTE, SocketStream, TlsStream, format_uri, listen,
+                        ssl_reason, tune_socket)
 
 
 class State(enum.Enum):
@@ -351,8 +355,10 @@ class _Connections:
     at once and is closed."""
 
     def __init__(self, memory, restore, resume, *, timeout, handshake_timeout,
-                 require_verify, log, prefault):
+                 require_verify, log, prefault, tls=None):
         self.memory, self.restore, self.resume = memory, restore, resume
+        self.tls = tls                          # hv.tls.TlsCredentials: TLS only
+        self.tls_context = tls.server_context() if tls is not None else None
         self.timeout = timeout
         self.handshake_timeout = min(handshake_timeout, timeout)
         self.require_verify, self.log, self.prefault = require_verify, log, prefault
@@ -407,8 +413,16 @@ class _Connections:
             self.socks.add(conn)
         where = f"{peer[0]}:{peer[1]}"
         stream = SocketStream(conn, timeout=self.handshake_timeout)
+        tls = None
         try:
             tune_socket(conn)
+            tls = self._tls(conn, stream, where)
+            if tls is None:
+                return
+            if tls is not conn:
+                with self.lock:
+                    self.socks.add(tls)
+                stream = TlsStream(tls, timeout=self.handshake_timeout, peer="source")
             rx = Receiver(self.memory, self.restore, self.resume, secondary=None,
                           require_verify=self.require_verify, log=self.log,
                           prefault=self.prefault, admit=self._admit)
@@ -443,7 +457,48 @@ class _Connections:
             if stream is not None:
                 with self.lock:
                     self.socks.discard(conn)
+                    self.socks.discard(tls)
                 stream.close()
+
+    def _tls(self, conn: socket.socket, stream: SocketStream, where: str):
+        """The connection to speak hv over: conn itself without credentials,
+        its TLS wrapping with them; None when it was refused (logged; the
+        caller closes it). The first byte says which the source speaks."""
+        conn.settimeout(self.handshake_timeout)
+        try:
+            first = conn.recv(1, socket.MSG_PEEK)
+        except OSError as e:
+            self.log(f"dropped the connection from {where}: {ssl_reason(e)}")
+            return None
+        if not first:
+            return None
+        is_tls = first[0] == TLS_HANDSHAKE_BYTE
+        if self.tls is None:
+            if is_tls:
+                self.log(f"refused the connection from {where}: the source speaks TLS; start "
+                         f"this destination with --tls-dir (or set tls-creds before "
+                         f"migrate-incoming)")
+                return None
+            return conn
+        if not is_tls:
+            msg = "this destination accepts only TLS migrations: set tls-creds on the source"
+            self.log(f"refused the connection from {where}: {msg}")
+            Receiver._send_error(stream, msg)   # in plain text: the source reads it
+            return None
+        try:
+            tls = self.tls_context.wrap_socket(conn, server_side=True)
+        except (OSError, ValueError) as e:
+            self.log(f"refused the connection from {where}: TLS handshake failed: "
+                     f"{ssl_reason(e)}")
+            return None
+        why = self.tls.authorize(tls.getpeercert())
+        if why is not None:
+            self.log(f"refused the connection from {where}: {why}")
+            Receiver._send_error(TlsStream(tls, timeout=1.0), f"this destination refused "
+                                 f"the source: {why}")
+            tls.close()
+            return None
+        return tls
 
     def wait_primary(self, accept_timeout, should_stop) -> tuple[Receiver, SocketStream]:
         deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
@@ -476,7 +531,7 @@ class _Connections:
 def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             timeout: float = 60.0, accept_timeout: float | None = None,
             handshake_timeout: float = HANDSHAKE_TIMEOUT, require_verify: bool = False,
-            log=None, should_stop=None, prefault: Prefault | None = None,
+            log=None, should_stop=None, prefault: Prefault | None = None, tls=None,
             on_receiving: Callable[[Receiver], None] | None = None) -> Receiver:
     """Accept a migration on `listener` and drive it to COMPLETE (restore,
     resume, RUNNING). Returns the Receiver; raises MigrationError.
@@ -489,7 +544,7 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
     log = log or (lambda msg: None)
     conns = _Connections(memory, restore, resume, timeout=timeout,
                          handshake_timeout=handshake_timeout, require_verify=require_verify,
-                         log=log, prefault=prefault)
+                         log=log, prefault=prefault, tls=tls)
     acceptor = threading.Thread(target=conns.accept_loop, args=(listener,),
                                 name="hv-migrate-accept", daemon=True)
     acceptor.start()
@@ -510,7 +565,7 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
 
 def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float | None = None,
              require_verify: bool = False, verbose: bool = True, on_listening=None,
-             prefault: bool = True, on_receiving=None) -> dict:
+             prefault: bool = True, on_receiving=None, tls=None) -> dict:
     """Receive a migrating guest into `machine` (created, not booted).
 
     Listens on uri (tcp:HOST:PORT), accepts the source's connection(s),
@@ -544,7 +599,7 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
                      timeout=timeout,
                      accept_timeout=accept_timeout, require_verify=require_verify, log=log,
                      should_stop=lambda: machine.status == "shutdown",
-                     prefault=prefaulter, on_receiving=on_receiving)
+                     prefault=prefaulter, on_receiving=on_receiving, tls=tls)
     finally:
         listener.close()
         if prefaulter is not None:

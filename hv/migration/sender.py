@@ -45,7 +45,7 @@ from .protocol import (
 from .contract import KvmSourceMachine, SourceMachine
 from .dirty_log import dirty_log_for
 from .state_codec import state_message
-from .transport import SocketStream, connect, parse_uri
+from .transport import SocketStream, TlsStream, connect, parse_uri, tls_client
 from ..vmm import PAUSE_MIGRATION, PAUSE_USER
 
 BATCH_PAGES = 2048          # pages per MEMORY message (8 MiB)
@@ -67,6 +67,18 @@ DROP_CACHES = ("none", "pagecache", "all")
 #: iterate (keep sending rounds past max_rounds until it fits or is cancelled)
 DOWNTIME_STRATEGIES = ("cancel", "force", "iterate")
 MAX_DOWNTIME_MS = 2_000_000         # QEMU's downtime-limit maximum
+
+
+def _tls_credentials(name: str, value):
+    """hv.params check of MigrationParams.tls: credentials or None."""
+    from ..tls import TlsCredentials
+    if value is not None and not isinstance(value, TlsCredentials):
+        raise params.ParameterError(f"'{name}' expects TLS credentials (hv.tls.TlsCredentials); "
+                                    f"over QMP: object-add a tls-creds-x509 and set tls-creds")
+    if value is not None and value.endpoint == "server":
+        raise params.ParameterError(f"'{name}': credentials of endpoint 'server' cannot "
+                                    f"start a migration; the source needs endpoint 'client'")
+    return value
 
 
 @dataclass
@@ -97,6 +109,9 @@ class MigrationParams:
     cpu_throttle_initial: int = 20
     cpu_throttle_increment: int = 10
     max_cpu_throttle: int = 99
+    tls: object = None                  # hv.tls.TlsCredentials: every connection over TLS
+    tls_hostname: str = ""              # the name the destination's certificate must carry
+                                        # ("": the URI's host)
 
     #: how each argument of the migrate command is checked (hv.params)
     CHECKS = {
@@ -120,6 +135,8 @@ class MigrationParams:
         "cpu_throttle_initial": (params.integer, 1, 99),
         "cpu_throttle_increment": (params.integer, 1, 99),
         "max_cpu_throttle": (params.integer, 1, 99),
+        "tls": (_tls_credentials,),
+        "tls_hostname": (params.string,),
     }
 
     @classmethod
@@ -394,7 +411,12 @@ class Migration:
         rate = int(self.p.max_bandwidth_mib * (1 << 20) / self.p.connections)
         for i in range(self.p.connections):
             sock = connect(self.p.uri, self.p.timeout_s)
-            st_ = SocketStream(sock, PAGE_SIZE, self.p.timeout_s, rate)
+            if self.p.tls is not None:
+                hostname = self.p.tls_hostname or parse_uri(self.p.uri)[0]
+                st_ = TlsStream(tls_client(sock, self.p.tls, hostname, self.p.timeout_s),
+                                PAGE_SIZE, self.p.timeout_s, rate, peer="destination")
+            else:
+                st_ = SocketStream(sock, PAGE_SIZE, self.p.timeout_s, rate)
             self.streams.append(st_)
             t0 = time.monotonic()
             # FEATURE_VERIFY: VERIFY will come, hash pages as they arrive

@@ -1,10 +1,14 @@
-"""Migration connections: URIs, listening and connecting, socket tuning, and
+"""Migration connections: URIs, listening and connecting, socket tuning,
 SocketStream, which moves messages (hv.migration.protocol) over a socket
-with the page data going straight between guest memory and the socket."""
+with the page data going straight between guest memory and the socket, and
+TlsStream, the same over TLS (tls_client wraps the source's connections)."""
 
 from __future__ import annotations
 
 import socket
+import time
+
+import numpy as np
 
 from . import pages
 from .protocol import MigrationError, Stream
@@ -117,6 +121,202 @@ class SocketStream(Stream):
                                        self.page_size)
         except (ConnectionError, TimeoutError, OSError) as e:
             raise MigrationError(f"connection lost while receiving pages: {e}") from e
+        self.bytes_in += n
+        return n
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+# ------------------------------------------------------------------- TLS
+
+#: the first byte of a TLS record carrying a handshake (ClientHello)
+TLS_HANDSHAKE_BYTE = 0x16
+TLS_BATCH_PAGES = 256       # pages gathered into one buffer per sendall (1 MiB)
+
+
+def ssl_reason(e: BaseException) -> str:
+    """What a failed TLS handshake or read means, in words."""
+    import ssl
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {e.verify_message}"
+    if isinstance(e, ssl.SSLError):
+        return e.reason.replace("_", " ").lower() if e.reason else str(e)
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
+def _not_tls(e: BaseException) -> bool:
+    """The peer answered a ClientHello with something that is not TLS (or hung up)."""
+    import ssl
+    if isinstance(e, (ssl.SSLEOFError, ConnectionResetError, BrokenPipeError)):
+        return True
+    return isinstance(e, ssl.SSLError) and (e.reason or "") in (
+        "WRONG_VERSION_NUMBER", "UNEXPECTED_EOF_WHILE_READING", "RECORD_LAYER_FAILURE",
+        "PACKET_LENGTH_TOO_LONG", "UNKNOWN_PROTOCOL")
+
+
+def tls_client(sock: socket.socket, creds, hostname: str, timeout: float):
+    """Wrap a connected socket with the source's TLS context; the handshake
+    runs under timeout. A failure is a MigrationError that says why."""
+    import ssl
+    sock.settimeout(timeout)
+    try:
+        tls = creds.client_context(hostname).wrap_socket(sock, server_hostname=hostname)
+    except ssl.SSLCertVerificationError as e:
+        sock.close()
+        hint = (f" (tls-hostname {hostname!r}: the destination's certificate must name it)"
+                if "hostname" in (e.verify_message or "").lower() or
+                "IP address mismatch" in (e.verify_message or "") else
+                " (the destination's certificate is not signed by this CA, or has expired)")
+        raise MigrationError(f"TLS handshake with the destination failed: "
+                             f"{ssl_reason(e)}{hint}") from None
+    except (ssl.SSLError, OSError) as e:
+        sock.close()
+        if _not_tls(e):
+            raise MigrationError("TLS handshake with the destination failed: the destination "
+                                 "does not speak TLS: start it with --tls-dir (or set "
+                                 "tls-creds before migrate-incoming)") from None
+        raise MigrationError(f"TLS handshake with the destination failed: "
+                             f"{ssl_reason(e)}") from None
+    return tls
+
+
+class _Bucket:
+    """Token bucket for max_bandwidth on a TLS stream (the C one takes an fd)."""
+
+    def __init__(self, bytes_per_sec: int):
+        self.rate = float(bytes_per_sec)
+        self.t = time.monotonic()
+        self.tokens = 0.0
+        self.slept_s = 0.0
+
+    def take(self, n: int) -> None:
+        now = time.monotonic()
+        # at most 50 ms of burst
+        self.tokens = min(self.rate * 0.05, self.tokens + (now - self.t) * self.rate) - n
+        self.t = now
+        if self.tokens < 0:
+            wait = -self.tokens / self.rate
+            self.slept_s += wait
+            time.sleep(wait)
+            self.t = time.monotonic()
+            self.tokens = 0.0
+
+
+class TlsStream(Stream):
+    """The Stream interface over an ssl.SSLSocket. Page data is gathered
+    from guest memory with numpy fancy indexing, TLS_BATCH_PAGES pages per
+    buffer, and scattered back the same way: no Python per page."""
+
+    def __init__(self, sock, page_size: int = 4096, timeout: float | None = 60.0,
+                 rate_bytes_per_sec: int = 0, peer: str = "peer"):
+        self.sock = sock
+        self.peer = peer
+        self.page_size = page_size
+        self.timeout = timeout
+        self.rate = _Bucket(rate_bytes_per_sec) if rate_bytes_per_sec else None
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self._buf = np.empty((TLS_BATCH_PAGES, page_size), dtype=np.uint8)
+
+    @property
+    def timeout(self):
+        return self._timeout
+
+    @timeout.setter
+    def timeout(self, value):
+        self._timeout = value
+        try:
+            self.sock.settimeout(value)
+        except OSError:
+            pass
+
+    def _send(self, data) -> None:
+        if self.rate is not None:
+            view = memoryview(data).cast("B")
+            step = max(1, min(len(view), 1 << 16))
+            for i in range(0, len(view), step):
+                self.rate.take(len(view[i:i + step]))
+                self.sock.sendall(view[i:i + step])
+        else:
+            self.sock.sendall(data)
+
+    def _lost(self, what: str, e: BaseException) -> MigrationError:
+        import ssl
+        refused = isinstance(e, ssl.SSLError) and "ALERT" in (e.reason or "")
+        # TLS 1.3: the peer checks our certificate after our side of the
+        # handshake ended; a peer that then hangs up before its first answer
+        # refused this side's certificate
+        if refused or (self.bytes_in == 0 and isinstance(
+                e, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError))):
+            return MigrationError(f"the {self.peer} refused this TLS session while {what} "
+                                  f"({ssl_reason(e)}): its CA must have signed this side's "
+                                  f"certificate, which must be valid now (and, with "
+                                  f"tls-authz, name an allowed CN); its log says why")
+        return MigrationError(f"connection lost while {what}: {ssl_reason(e)}")
+
+    def _recv_into(self, view: memoryview) -> None:
+        got, n = 0, len(view)
+        while got < n:
+            r = self.sock.recv_into(view[got:], n - got)
+            if r == 0:
+                raise ConnectionError(f"connection closed after {got} of {n} bytes")
+            got += r
+
+    def _pages2d(self, mem) -> np.ndarray:
+        return mem.array()[:mem.size // self.page_size * self.page_size].reshape(
+            -1, self.page_size)
+
+    def write(self, data) -> None:
+        try:
+            self._send(data)
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise self._lost("sending", e) from e
+        self.bytes_out += len(data)
+
+    def read(self, n: int) -> bytes:
+        buf = bytearray(n)
+        try:
+            self._recv_into(memoryview(buf))
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise self._lost("receiving", e) from e
+        self.bytes_in += n
+        return bytes(buf)
+
+    def write_pages(self, mem, starts, counts) -> int:
+        pfns = pages.range_pfns(starts, counts)
+        src = self._pages2d(mem)
+        n = 0
+        try:
+            for i in range(0, len(pfns), TLS_BATCH_PAGES):
+                part = pfns[i:i + TLS_BATCH_PAGES]
+                out = self._buf[:len(part)]
+                np.take(src, part, axis=0, out=out)
+                self._send(out.data.cast("B"))
+                n += out.nbytes
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise self._lost("sending pages", e) from e
+        self.bytes_out += n
+        return n
+
+    def read_pages(self, mem, starts, counts) -> int:
+        # recv_body checked the ranges against guest RAM before this runs
+        pfns = pages.range_pfns(starts, counts)
+        dst = self._pages2d(mem)
+        n = 0
+        try:
+            for i in range(0, len(pfns), TLS_BATCH_PAGES):
+                part = pfns[i:i + TLS_BATCH_PAGES]
+                buf = self._buf[:len(part)]
+                self._recv_into(buf.data.cast("B"))
+                dst[part] = buf
+                n += buf.nbytes
+        except (ConnectionError, TimeoutError, OSError) as e:
+            raise self._lost("receiving pages", e) from e
         self.bytes_in += n
         return n
 
