@@ -151,6 +151,8 @@ class MachineConfig:
     #: Balloon(...) keyword arguments, by name or alias with typed or string
     #: values: {"reporting": "off", "hint": False, "stats_interval_s": 5}
     balloon_options: dict = field(default_factory=dict)
+    #: virtio-net devices: [{"tap": NAME, "mac": "52:54:00:.." (optional)}]
+    nets: list = field(default_factory=list)
 
 
 class MachineError(HvError):
@@ -299,6 +301,14 @@ class Machine:
 
         if config.balloon:
             self._add_balloon()
+        self.nets: list = []
+        self._restored = False
+        try:
+            for spec in config.nets:
+                self._add_net(spec)
+        except BaseException:
+            self.close()
+            raise
 
     # -- helpers ---------------------------------------------------------------------
     def irq_line(self, gsi: int) -> KvmIrqLine:
@@ -418,6 +428,21 @@ class Machine:
         self.balloon = Balloon(self.memory, **self._balloon_kwargs)
         self.add_virtio_mmio(self.balloon)
 
+    def _add_net(self, spec: dict) -> None:
+        from .devices.virtio.net import Net, NetError, default_mac, open_tap, parse_mac
+        if not isinstance(spec, dict) or not isinstance(spec.get("tap"), str) or \
+                set(spec) - {"tap", "mac"}:
+            raise MachineError(f"net {spec!r}: give {{'tap': NAME, 'mac': MAC (optional)}}")
+        try:
+            mac = parse_mac(spec["mac"]) if spec.get("mac") else default_mac(spec["tap"])
+            fd = open_tap(spec["tap"])
+        except NetError as e:
+            raise MachineError(str(e)) from None
+        # held: the tap is read only once the vCPUs run (start())
+        net = Net(self.memory, fd, mac, tap=spec["tap"], held=True)
+        self.nets.append(net)
+        self.add_virtio_mmio(net)
+
     def devices(self) -> list[Device]:
         return [d for _, _, d in self.pio.devices()] + [d for _, _, d in self.mmio.devices()]
 
@@ -502,6 +527,10 @@ class Machine:
             self._set_status(self._want, "start")
             for t in self._threads:
                 t.start()
+            for net in self.nets:
+                net.release()
+                if self._restored:
+                    net.announce()  # a migration destination tells the network
 
     def _kick(self) -> None:
         for v, t in zip(self.vcpus, self._threads):
@@ -913,6 +942,7 @@ class Machine:
             if d is None:
                 raise MachineError(f"saved device {name!r} does not exist on this machine")
             d.restore(ds)
+        self._restored = True
         missing = sorted(set(devices) - set(state["devices"]))
         if missing:
             raise MachineError(f"the saved machine has no {', '.join(missing)}: start the "
