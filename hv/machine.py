@@ -440,8 +440,12 @@ class Machine:
             raise MachineError(str(e)) from None
         # held: the tap is read only once the vCPUs run (start())
         net = Net(self.memory, fd, mac, tap=spec["tap"], held=True)
+        try:
+            self.add_virtio_mmio(net)
+        except BaseException:
+            net.close()
+            raise
         self.nets.append(net)
-        self.add_virtio_mmio(net)
 
     def devices(self) -> list[Device]:
         return [d for _, _, d in self.pio.devices()] + [d for _, _, d in self.mmio.devices()]

@@ -288,3 +288,24 @@ def test_real_tap_frames_both_ways():
             s.close()
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+# -- run-guest --net errors ----------------------------------------------------------------
+def test_cli_net_argument_errors(capsys):
+    from hv.cli import main
+    for bad in ("tap=", "foo=1", "tap=a,mac=zz:00:00:00:00:00", "tap=a,mac=01:00:00:00:00:01",
+                "mac=52:54:00:00:00:01", "tap=a,tap=b"):
+        with pytest.raises(SystemExit) as e:
+            main(["--net", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--net" in err, err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/kvm"), reason="needs /dev/kvm")
+def test_cli_missing_tap_is_one_line(capsys):
+    from hv.cli import main
+    assert main(["--mem", "64", "--kernel", "/nonexistent", "--net",
+                 "tap=hvnosuch0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "hvnosuch0" in err, err
