@@ -109,9 +109,11 @@ def test_guest_network_and_migration(linux_images, netns):
         src.boot()
         src.start()
         console.wait_for("hv-net: up", timeout=900)
-        ping = subprocess.run(["ip", "netns", "exec", netns, "ping", "-c", "3", "-W", "20",
+        ping_cmd = ["ping"] if shutil.which("ping") else ["busybox", "ping"]
+        ping = subprocess.run(["ip", "netns", "exec", netns, *ping_cmd, "-c", "3", "-W", "20",
                                GUEST_IP], capture_output=True, text=True, timeout=120)
         assert ping.returncode == 0, ping.stdout + ping.stderr
+        print(ping.stdout)
         payload = bytes(range(256)) * 64
         assert echo(netns, payload) == payload
 
