@@ -309,3 +309,14 @@ def test_cli_missing_tap_is_one_line(capsys):
                  "tap=hvnosuch0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "hvnosuch0" in err, err
+
+
+def test_held_device_reads_nothing_until_released(rig):
+    rig.dev.held = True  # what a Machine's device is until start()
+    (buf,) = rig.post_rx(1)
+    rig.peer.send(bytes(12) + frame(64, 4))
+    time.sleep(0.3)
+    assert rig.rx.get_used() == []
+    rig.dev.release()
+    assert rig.wait_used(rig.rx)
+    assert rig.mem.read(buf + 12, 64) == frame(64, 4)
