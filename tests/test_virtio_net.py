@@ -5,7 +5,6 @@ uses a real tap in a network namespace of its own."""
 import os
 import shutil
 import socket
-import struct
 import subprocess
 import time
 
@@ -268,7 +267,7 @@ def test_real_tap_frames_both_ways():
             rg.mem.write(a, bytes(12) + f)
             rg.tx.add(out=[(a, 12 + len(f))])
             rg.tx.kick()
-            while (got := s.recv(4096)) != f:
+            while s.recv(4096) != f:
                 pass  # the kernel's own IPv6 chatter may come first
             (buf,) = rg.post_rx(1)
             g = b"\x52\x54\x00\xab\xcd\xef" + b"\x02\x00\x00\x00\x00\x01" + b"\x88\xb5" + \
