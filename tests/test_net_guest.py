@@ -86,8 +86,17 @@ def new_machine(images, console, ns, tap):
 
 
 def echo(ns, payload: bytes, timeout=60.0) -> bytes:
-    with InNs(ns):
-        s = socket.create_connection((GUEST_IP, 7), timeout=timeout)
+    # "hv-net: up" comes before nc listens (a fork and exec, slow in the guest)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with InNs(ns):
+                s = socket.create_connection((GUEST_IP, 7), timeout=timeout)
+            break
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
     try:
         s.sendall(payload)
         got = b""
