@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "then finds them as zero pages even with free_pages \"off\"; turn "
                         "it off to compare free-page skipping with a VMM that does not "
                         "report (QEMU's default)")
+    g.add_argument("--net", metavar="tap=NAME[,mac=MAC]", action="append", default=[],
+                   type=_net, dest="nets",
+                   help="add a virtio-net device on an existing tap (repeatable); the "
+                        "MAC defaults to one derived from the tap's name")
     g.add_argument("--dirty-ring", metavar="BYTES", type=_bytes, default=0,
                    help="per-vCPU KVM dirty ring of BYTES (a power of two from 4096 to "
                         "KVM's maximum, K/M suffixes allowed; default 0: off) so that "
@@ -117,6 +121,26 @@ def _initrd(text: str) -> str:
         except HvError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def _net(text: str) -> dict:
+    """argparse type of --net: tap=NAME[,mac=MAC] (key=value, comma-separated)."""
+    from .devices.virtio.net import parse_mac
+    spec: dict = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in ("tap", "mac") or key in spec or not value.strip():
+            raise argparse.ArgumentTypeError(f"{text!r}: give tap=NAME[,mac=MAC], each once")
+        spec[key] = value.strip()
+    if "tap" not in spec:
+        raise argparse.ArgumentTypeError(f"{text!r}: tap=NAME is required")
+    if "mac" in spec:
+        try:
+            parse_mac(spec["mac"])
+        except HvError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return spec
 
 
 def _balloon_opt(text: str) -> tuple[str, object]:
@@ -252,7 +276,8 @@ def run(args) -> int:
     m = Machine(MachineConfig(mem_mib=args.mem, cpus=args.cpus, kernel=kernel, initrd=initrd,
                               append=append, balloon=args.balloon, console=sys.stdout.buffer,
                               balloon_options=balloon_options(args) if args.balloon else {},
-                              dirty_ring_bytes=args.dirty_ring, disks=args.disks))
+                              dirty_ring_bytes=args.dirty_ring, disks=args.disks,
+                              nets=args.nets))
     watch = ConsoleWatch()
     m.console_listeners.append(watch)
     server = serve(args.control, m) if args.control else None

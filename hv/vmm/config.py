@@ -80,6 +80,8 @@ class MachineConfig:
     #: virtio-blk disks: paths, {"path", "readonly", "serial"} dicts or
     #: "path=FILE[,readonly=on]" strings (hv.devices.virtio.blk.disk_options)
     disks: list = field(default_factory=list)
+    #: virtio-net devices: [{"tap": NAME, "mac": "52:54:00:.." (optional)}]
+    nets: list = field(default_factory=list)
 
 
 #: the smallest dirty ring KVM takes: one page (and at least its reserved entries)

@@ -197,6 +197,14 @@ class Machine:
             self._add_balloon()
         for d in self.disks:
             self.add_virtio_mmio(d)
+        self.nets: list = []
+        self._restored = False
+        try:
+            for spec in config.nets:
+                self._add_net(spec)
+        except BaseException:
+            self.close()
+            raise
 
     # -- helpers ---------------------------------------------------------------------
     def irq_line(self, gsi: int) -> KvmIrqLine:
@@ -307,6 +315,25 @@ class Machine:
         self.balloon = Balloon(self.memory, **self._balloon_kwargs)
         self.add_virtio_mmio(self.balloon)
 
+    def _add_net(self, spec: dict) -> None:
+        from ..devices.virtio.net import Net, NetError, default_mac, open_tap, parse_mac
+        if not isinstance(spec, dict) or not isinstance(spec.get("tap"), str) or \
+                set(spec) - {"tap", "mac"}:
+            raise MachineError(f"net {spec!r}: give {{'tap': NAME, 'mac': MAC (optional)}}")
+        try:
+            mac = parse_mac(spec["mac"]) if spec.get("mac") else default_mac(spec["tap"])
+            fd = open_tap(spec["tap"])
+        except NetError as e:
+            raise MachineError(str(e)) from None
+        # held: the tap is read only once the vCPUs run (start())
+        net = Net(self.memory, fd, mac, tap=spec["tap"], held=True)
+        try:
+            self.add_virtio_mmio(net)
+        except BaseException:
+            net.close()
+            raise
+        self.nets.append(net)
+
     def devices(self) -> list[Device]:
         return [d for _, _, d in self.pio.devices()] + [d for _, _, d in self.mmio.devices()]
 
@@ -411,6 +438,10 @@ class Machine:
             self._set_status(self._want, "start")
             for t in self._threads:
                 t.start()
+            for net in self.nets:
+                net.release()
+                if self._restored:
+                    net.announce()  # a migration destination tells the network
 
     def _kick(self) -> None:
         for v, t in zip(self.vcpus, self._threads):
@@ -699,6 +730,7 @@ class Machine:
     def restore_state(self, state: dict) -> None:
         """Load save_state() output into this freshly created, not booted machine."""
         statemod.restore_state(self, state)
+        self._restored = True
 
     # -- control commands -------------------------------------------------------------------------
     def _cmd_query_status(self, args: dict) -> dict:
