@@ -65,11 +65,7 @@ class Guest:
         start = self.console.mark()
         # The shell echoes what is typed; the quotes keep the echo from matching.
         line = f'{cmd}; echo "{tag[:2]}""{tag[2:]}=$?"\n'.encode()
-        while line:
-            taken = self.m.serial.enqueue(line)
-            line = line[taken:]
-            if line:
-                time.sleep(0.05)
+        self.m.console_input(line, timeout)
         text = self.wait_console(f"{tag}=", timeout, start)
         return text[:text.rindex(f"{tag}=")]
 

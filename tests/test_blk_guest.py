@@ -40,11 +40,7 @@ class Shell:
         start = self.console.mark()
         # the quotes keep the shell's echo of the line from matching
         line = f'{cmd}; echo "{tag[:2]}""{tag[2:]}=$?"\n'.encode()
-        while line:
-            taken = self.m.serial.enqueue(line)
-            line = line[taken:]
-            if line:
-                time.sleep(0.05)
+        self.m.console_input(line, timeout)
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -76,7 +76,7 @@ def _machine_shape(machine) -> dict:
 # -- save -----------------------------------------------------------------------------
 
 def save(machine, path: str, *, free_pages: bool = True, free_page_timeout_ms: int = 30000,
-         resume: bool = True, progress=None) -> dict:
+         resume: bool = True) -> dict:
     """Write machine's guest to path (atomically: a temporary file renamed
     at the end). The guest is paused while its pages and state are written;
     with resume it runs again afterwards, else it stays paused for good
@@ -93,7 +93,7 @@ def save(machine, path: str, *, free_pages: bool = True, free_page_timeout_ms: i
     stats = {"path": path, "pages_total": mem.npages, "free_page_info": None}
     try:
         free = None
-        balloon = getattr(machine, "balloon", None)
+        balloon = machine.balloon
         if free_pages and balloon is not None:
             try:
                 words, info = balloon.request_free_page_bitmap(free_page_timeout_ms)
@@ -120,7 +120,7 @@ def save(machine, path: str, *, free_pages: bool = True, free_page_timeout_ms: i
         hashes = pages.hashes(mem, starts, counts)
         blob = encode_state(state)
         shape = _machine_shape(machine)
-        _write(tmp, mem, starts, counts, hashes, blob, shape, progress)
+        _write(tmp, mem, starts, counts, hashes, blob, shape)
         os.replace(tmp, path)
         stats.update(pages_stored=stored, bytes_written=stored * PAGE_SIZE + len(blob),
                      file_bytes=os.path.getsize(path),
@@ -143,24 +143,19 @@ def save(machine, path: str, *, free_pages: bool = True, free_page_timeout_ms: i
     return stats
 
 
-def _write(tmp, mem, starts, counts, hashes, blob, shape, progress) -> None:
+def _write(tmp, mem, starts, counts, hashes, blob, shape) -> None:
     image_end = HEADER_BYTES + mem.size
     tables = (starts.astype("<u8").tobytes() + counts.astype("<u8").tobytes()
               + hashes.astype("<u8").tobytes())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.ftruncate(fd, image_end + len(tables) + len(blob))
-        done = 0
-        total = int(counts.sum()) if len(counts) else 0
         for s, c in zip(starts.tolist(), counts.tolist()):
             a, b = s * PAGE_SIZE, (s + c) * PAGE_SIZE
             view = mem.view[a:b]
             off = 0
             while off < len(view):
                 off += os.pwrite(fd, view[off:], HEADER_BYTES + a + off)
-            done += c
-            if progress is not None:
-                progress(done, total)
         os.pwrite(fd, tables, image_end)
         os.pwrite(fd, blob, image_end + len(tables))
         header = dict(shape, version=SNAPSHOT_VERSION, hv=__version__, page_size=PAGE_SIZE,

@@ -76,6 +76,15 @@ def connect(uri: str, timeout: float) -> socket.socket:
     return sock
 
 
+def close_socket(sock) -> None:
+    """Shut a stream's socket down both ways (waking a peer blocked on it), then close it."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class SocketStream(Stream):
     """Messages over a connected socket; page data moves with hv._pages
     (writev/readv straight from/to guest memory, GIL released)."""
@@ -125,11 +134,7 @@ class SocketStream(Stream):
         return n
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_socket(self.sock)
 
 
 # ------------------------------------------------------------------- TLS
@@ -321,8 +326,4 @@ class TlsStream(Stream):
         return n
 
     def close(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
+        close_socket(self.sock)
