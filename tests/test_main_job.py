@@ -15,6 +15,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "migrate-between-hosts")
+HOSTS = os.environ.get("HV_HOSTS_PREFIX", "hv-mig")
 
 pytestmark = pytest.mark.kvm
 
@@ -49,7 +50,7 @@ def test_migrate_between_hosts_reports_a_completed_verified_migration(linux_imag
     assert r["downtime_ms"] is not None and r["downtime_ms"] <= r["total_time_ms"]
     assert "completed" in proc.stdout
     # Whatever happened, the hosts are gone.
-    assert not {"hv-mig-a", "hv-mig-b"} & netns_names()
+    assert not {f"{HOSTS}-a", f"{HOSTS}-b"} & netns_names()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
