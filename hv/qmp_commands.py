@@ -79,6 +79,10 @@ PARAMETER_FIELDS = {
     "cpu-throttle-increment": "cpu_throttle_increment",
     "max-cpu-throttle": "max_cpu_throttle",
     PREFIX + "drop-cache": "drop_cache",
+    # QEMU's names; hv compresses on every connection, multifd or not, and
+    # also takes "auto" (hv.migration.compression)
+    "multifd-compression": "compression",
+    "multifd-zstd-level": "compression_level",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
@@ -86,6 +90,7 @@ PARAMETER_TYPES = {
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
     PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
     "cpu-throttle-initial": "int", "cpu-throttle-increment": "int", "max-cpu-throttle": "int",
+    "multifd-compression": "str", "multifd-zstd-level": "int",
     "tls-creds": "str", "tls-hostname": "str", "tls-authz": "str",
     PREFIX + "tls-authz-names": "list",
 }
@@ -111,6 +116,8 @@ def _defaults() -> dict:
         "cpu-throttle-initial": d.cpu_throttle_initial,
         "cpu-throttle-increment": d.cpu_throttle_increment,
         "max-cpu-throttle": d.max_cpu_throttle,
+        "multifd-compression": d.compression,
+        "multifd-zstd-level": d.compression_level,
         "tls-creds": "", "tls-hostname": "", "tls-authz": "",
     }
 
@@ -526,6 +533,7 @@ class QemuMonitor:
             "pause-rollbacks": q.get("pause_rollbacks") or None,
             "verified": q.get("verified"),
             "verify-ms": _ms(q["verify_ms"]) if q.get("verify_ms") else None,
+            "compression": q.get("compression"),
             "warning": q.get("warning"),
         }
         info.update({PREFIX + k: v for k, v in extra.items() if v is not None})

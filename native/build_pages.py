@@ -1,6 +1,7 @@
 """cffi builder for hv._pages: the per-page loops of live migration
 (bitmap arithmetic, run scans, zero-page detection, page hashes, sending and
-receiving guest pages straight between guest memory and a socket).
+receiving guest pages straight between guest memory and a socket, zstd
+compression of page batches with Debian's libzstd).
 
 Out-of-line API mode: the declarations are read from native/pages.h, so the
 header is the single source of the interface."""
@@ -22,7 +23,8 @@ ffibuilder.cdef(_declarations())
 ffibuilder.set_source(
     "hv._pages",
     '#include "pages.h"',
-    sources=[os.path.relpath(os.path.join(here, "pages.c"))],
+    sources=[os.path.relpath(os.path.join(here, name)) for name in ("pages.c", "compress.c")],
+    libraries=["zstd"],
     include_dirs=[here],
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
 )

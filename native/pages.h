@@ -87,4 +87,25 @@ int hv_ranges_valid(const uint64_t *starts, const uint64_t *counts, size_t nruns
 
 uint64_t hv_now_ns(void);
 
+/* Compression (native/compress.c, libzstd) ------------------------------
+ * A context per connection: compression at `level` and decompression with
+ * a bounded window. NULL when out of memory or the level is refused. */
+struct hv_zstd;
+struct hv_zstd *hv_zstd_new(int level);
+void hv_zstd_free(struct hv_zstd *z);
+/* The most bytes hv_zstd_compress_ranges writes for len bytes of pages. */
+size_t hv_zstd_bound(size_t len);
+/* The pages of the ranges as one zstd frame in out (cap bytes, at least
+ * hv_zstd_bound of their size). Returns the frame's length or -errno. */
+int64_t hv_zstd_compress_ranges(struct hv_zstd *z, const uint8_t *mem, size_t mem_size,
+                                size_t page_size, const uint64_t *starts,
+                                const uint64_t *counts, size_t nruns,
+                                uint8_t *out, size_t cap);
+/* Decompress one frame of in_len bytes straight into the ranges of guest
+ * memory; -EBADMSG unless it is a valid frame of exactly their size. */
+int hv_zstd_decompress_ranges(struct hv_zstd *z, uint8_t *mem, size_t mem_size,
+                              size_t page_size, const uint64_t *starts,
+                              const uint64_t *counts, size_t nruns,
+                              const uint8_t *in, size_t in_len);
+
 #endif

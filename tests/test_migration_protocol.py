@@ -630,3 +630,57 @@ def test_mutated_tables_property(data):
     except P.MigrationError as e:
         assert str(e)
     assert s.largest <= mem.size + SMALL and mem.guard_intact()
+
+
+# ------------------------------------------------------------ compressed pages
+
+def zstd_frame(src, starts, counts):
+    from hv.migration import pages
+    return pages.Zstd(3).compress(src, np.array(starts, dtype=np.uint64),
+                                  np.array(counts, dtype=np.uint64))
+
+
+def test_memory_zstd_decompresses_into_guest_memory_and_the_receiver_completes():
+    src = make_src()
+    frame = zstd_frame(src, [1, 5], [2, 10])
+    assert len(frame) < 11 * PAGE_SIZE      # 2 pages of 7s shrink to nothing, 10 random do not
+    msgs = good_messages(src)
+    msgs[2] = P.Ranges(P.Command.MEMORY_ZSTD, [1, 5], [2, 10], data=frame)
+    m, rx, stats = run_receiver(stream_of(*msgs, src=src))
+    assert rx.state == State.COMPLETE and m.resumed and rx.verified
+    assert (m.memory.array() == src.array()).all()
+    assert stats["pages"] == 12
+    # without guest memory the frame is kept as it came
+    assert roundtrip(msgs[2]) == msgs[2]
+
+
+def test_corrupt_compressed_batches_are_refused_and_nothing_resumes():
+    src = make_src()
+    frame = zstd_frame(src, [1, 5], [2, 10])
+    flipped = bytearray(frame)
+    flipped[len(frame) // 2] ^= 0xFF
+    other = zstd_frame(src, [1], [2])               # a valid frame of fewer pages
+    cases = {"flipped byte": bytes(flipped), "truncated": frame[:-3],
+             "trailing bytes": frame + b"\0" * 8, "fewer pages than its table": other,
+             "not zstd": b"\x07" * 64}
+    for what, body in cases.items():
+        msgs = good_messages(src)
+        msgs[2] = P.Ranges(P.Command.MEMORY_ZSTD, [1, 5], [2, 10], data=body)
+        m = FakeMachine()
+        rx = Receiver(m.memory, m.restore_state, m.resume)
+        with pytest.raises(P.ProtocolError, match="MEMORY_ZSTD") as e:
+            rx.run(stream_of(*msgs, src=src))
+        assert rx.state == State.FAILED and not m.resumed, what
+        assert "corrupt compressed batch" in str(e.value), (what, str(e.value))
+
+
+def test_compressed_frame_lengths_are_bounded_before_reading():
+    from hv.migration import pages
+    bound = pages.zstd_bound(2 * PAGE_SIZE)
+    head = struct.pack("<II", 1, 0) + struct.pack("<QQ", 4, 2)
+    e, *_ = hostile_run(P.Header(P.Command.MEMORY_ZSTD, len(head) + bound + 1).pack() + head)
+    assert f"a frame of {bound + 1} bytes for 2 pages" in str(e)
+    e, *_ = hostile_run(P.Header(P.Command.MEMORY_ZSTD, len(head)).pack() + head)
+    assert "a frame of 0 bytes" in str(e)
+    e, *_ = hostile_run(P.Header(P.Command.MEMORY_ZSTD, 1 << 40).pack() + head)
+    assert "exceeds" in str(e)

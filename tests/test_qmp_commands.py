@@ -64,6 +64,22 @@ def test_auto_converge_is_qemus_capability_and_parameters(monitor):
         run(cmds, "migrate-set-parameters", {"max-cpu-throttle": 100})
 
 
+def test_compression_is_qemus_multifd_compression_on_every_connection(monitor):
+    mon, cmds, machine, _ = monitor
+    q = run(cmds, "query-migrate-parameters")
+    assert (q["multifd-compression"], q["multifd-zstd-level"]) == ("none", 1)
+    run(cmds, "migrate-set-parameters", {"multifd-compression": "zstd",
+                                         "multifd-zstd-level": 3})
+    p = MigrationParams.from_args(mon._hv_args(mon.parameters, mon.capabilities, "tcp:h:1"))
+    assert (p.compression, p.compression_level, p.connections) == ("zstd", 3, 1)
+    run(cmds, "migrate-set-parameters", {"multifd-compression": "auto"})
+    assert run(cmds, "query-migrate-parameters")["multifd-compression"] == "auto"
+    with pytest.raises(QmpError, match="'multifd-compression'"):
+        run(cmds, "migrate-set-parameters", {"multifd-compression": "zlib"})
+    with pytest.raises(QmpError, match="'multifd-zstd-level'"):
+        run(cmds, "migrate-set-parameters", {"multifd-zstd-level": 21})
+
+
 def test_defaults_are_hvs_and_free_pages_follow_the_balloon(monitor):
     mon, cmds, machine, _ = monitor
     q = run(cmds, "query-migrate-parameters")

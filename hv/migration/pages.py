@@ -225,3 +225,49 @@ def recv_pages(fd: int, mem, starts: np.ndarray, counts: np.ndarray, timeout=Non
     if r < 0:
         _raise(r, "receiving pages", got[0], int(counts.sum()) * page_size)
     return int(got[0])
+
+
+def zstd_bound(nbytes: int) -> int:
+    """The longest zstd frame hv makes of nbytes of pages."""
+    return int(lib.hv_zstd_bound(nbytes))
+
+
+class Zstd:
+    """The zstd context of one connection (libzstd through hv._pages): a
+    batch of pages compressed from guest memory into one frame, a frame
+    decompressed straight into guest memory. Contexts are reused: each
+    connection's thread has its own."""
+
+    def __init__(self, level: int = 1):
+        z = lib.hv_zstd_new(int(level))
+        if z == ffi.NULL:
+            raise ValueError(f"zstd refused compression level {level}")
+        self._z = ffi.gc(z, lib.hv_zstd_free)
+        self._out = bytearray()
+
+    def compress(self, mem, starts: np.ndarray, counts: np.ndarray,
+                 page_size: int = PAGE_SIZE) -> bytes:
+        """The ranges' pages as one zstd frame."""
+        cap = zstd_bound(int(counts.sum()) * page_size)
+        if len(self._out) < cap:
+            self._out = bytearray(cap)
+        r = lib.hv_zstd_compress_ranges(self._z, _mem(mem), mem.size, page_size,
+                                        _u64p(starts), _u64p(counts), len(starts),
+                                        ffi.cast("uint8_t *", ffi.from_buffer(self._out)),
+                                        cap)
+        if r < 0:
+            _raise(int(r), "compressing pages")
+        return bytes(memoryview(self._out)[:r])
+
+    def decompress_into(self, mem, starts: np.ndarray, counts: np.ndarray, frame,
+                        page_size: int = PAGE_SIZE) -> None:
+        """Fill the ranges from one frame; ValueError unless the frame is valid
+        and holds exactly their pages."""
+        buf = ffi.from_buffer(frame)
+        r = lib.hv_zstd_decompress_ranges(self._z, _mem(mem), mem.size, page_size,
+                                          _u64p(starts), _u64p(counts), len(starts),
+                                          ffi.cast("uint8_t *", buf), len(buf))
+        if r == -errno.EBADMSG:
+            raise ValueError("not a zstd frame of exactly the pages its table names")
+        if r < 0:
+            _raise(r, "decompressing pages")

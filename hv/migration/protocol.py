@@ -29,6 +29,11 @@ Commands and their payloads:
     FREE    12  range table (the source skipped these pages as free: their
                 content is undefined, the destination discards its copy so
                 that they cost it no memory; no data)
+    MEMORY_ZSTD 13  range table, then one zstd frame that decompresses to
+                exactly the pages' data in table order (compression zstd or
+                auto; the frame is at most pages.zstd_bound() of that size,
+                and a frame that is not valid or not exactly that long is
+                refused)
 
 A range table is: count u32, pattern u32 (FILL only, else 0), then count
 pairs of (start pfn u64, page count u64). Ranges are page frame numbers of
@@ -74,7 +79,7 @@ Destination states (hv.migration.receiver.Receiver, one function over
 (state, command); anything not in the table is refused with ProtocolError
 naming what was expected):
 
-      WAIT_HELLO --HELLO--> MEMORY --MEMORY|ZERO|FILL|FREE--> MEMORY
+      WAIT_HELLO --HELLO--> MEMORY --MEMORY[_ZSTD]|ZERO|FILL|FREE--> MEMORY
                               |
                               +--STATE--> STATE --VERIFY--> STATE
                                             |
@@ -95,6 +100,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import HvError
+from . import pages
 
 MAGIC = b"HVMG"
 VERSION = 1
@@ -109,7 +115,8 @@ FEATURE_ZERO = 1 << 0
 FEATURE_FILL = 1 << 1
 FEATURE_VERIFY = 1 << 2
 FEATURE_CHANNELS = 1 << 3
-FEATURES = FEATURE_ZERO | FEATURE_FILL | FEATURE_VERIFY | FEATURE_CHANNELS
+FEATURE_ZSTD = 1 << 4           # the source may send MEMORY_ZSTD
+FEATURES = FEATURE_ZERO | FEATURE_FILL | FEATURE_VERIFY | FEATURE_CHANNELS | FEATURE_ZSTD
 
 # Limits that keep a malformed header from making the receiver allocate
 # without bound (see also state_limit()).
@@ -132,6 +139,7 @@ class Command(enum.IntEnum):
     ERROR = 10
     CANCEL = 11
     FREE = 12
+    MEMORY_ZSTD = 13
 
 
 class MigrationError(HvError):
@@ -219,10 +227,11 @@ def _u64(a) -> np.ndarray:
 
 @dataclass
 class Ranges:
-    """MEMORY, ZERO, FILL, FREE and VERIFY: a range table (and, for MEMORY, the pages'
-    data; for VERIFY, one hash per page). `data` is used by in-memory streams
-    and tests; the socket path moves page data straight from/to guest
-    memory."""
+    """MEMORY, MEMORY_ZSTD, ZERO, FILL, FREE and VERIFY: a range table (and,
+    for MEMORY, the pages' data; for MEMORY_ZSTD, their zstd frame in `data`;
+    for VERIFY, one hash per page). `data` of MEMORY is used by in-memory
+    streams and tests; the socket path moves page data straight from/to
+    guest memory."""
     command: Command
     starts: np.ndarray
     counts: np.ndarray
@@ -249,6 +258,8 @@ class Ranges:
             return self.npages * page_size
         if self.command == Command.VERIFY:
             return self.npages * 8
+        if self.command == Command.MEMORY_ZSTD:
+            return len(self.data or b"")
         return 0
 
     def __eq__(self, other):
@@ -262,7 +273,10 @@ class Ranges:
                          and np.array_equal(self.hashes, other.hashes))))
 
 
-RANGE_COMMANDS = (Command.MEMORY, Command.ZERO, Command.FILL, Command.FREE, Command.VERIFY)
+RANGE_COMMANDS = (Command.MEMORY, Command.MEMORY_ZSTD, Command.ZERO, Command.FILL,
+                  Command.FREE, Command.VERIFY)
+#: the commands whose pages land in guest memory (recv_body's mem)
+DATA_COMMANDS = (Command.MEMORY, Command.MEMORY_ZSTD)
 
 
 def max_ranges(npages: int) -> int:
@@ -272,7 +286,10 @@ def max_ranges(npages: int) -> int:
 
 def max_range_payload(command: Command, npages: int, page_size: int) -> int:
     """The longest payload a range message can need for npages of guest memory."""
-    body = {Command.MEMORY: page_size, Command.VERIFY: 8}.get(command, 0) * npages
+    if command == Command.MEMORY_ZSTD:
+        body = pages.zstd_bound(npages * page_size)
+    else:
+        body = {Command.MEMORY: page_size, Command.VERIFY: 8}.get(command, 0) * npages
     return TABLE_HEAD.size + 16 * max_ranges(npages) + body
 
 
@@ -412,6 +429,11 @@ class Stream:
                 else:
                     self.write_pages(mem, msg.starts, msg.counts)
                 n += body
+            elif msg.command == Command.MEMORY_ZSTD:
+                if not msg.data:
+                    raise ValueError("MEMORY_ZSTD without its frame")
+                self.write(msg.data)
+                n += body
             elif msg.command == Command.VERIFY:
                 h = _u64(msg.hashes).astype("<u8")
                 if len(h) != msg.npages:
@@ -446,6 +468,9 @@ class Stream:
                                 f"than its table of {n} ranges")
         starts, counts = parse_ranges(h.command, self.read(16 * n), npages, ram)
         msg = Ranges(h.command, starts, counts, pattern)
+        if h.command == Command.MEMORY_ZSTD:
+            self._recv_zstd(h, msg, h.length - TABLE_HEAD.size - 16 * n, mem)
+            return msg
         body = msg.body_length(self.page_size)
         if h.length != TABLE_HEAD.size + 16 * n + body:
             raise ProtocolError(f"{h.command.name}: payload length {h.length} does not match "
@@ -458,6 +483,25 @@ class Stream:
         elif h.command == Command.VERIFY:
             msg.hashes = np.frombuffer(self.read(body), dtype="<u8").astype(np.uint64)
         return msg
+
+    def _recv_zstd(self, h: Header, msg: Ranges, length: int, mem) -> None:
+        """A MEMORY_ZSTD frame, bounded by what its pages can need, then
+        decompressed straight into guest memory (or kept in msg.data)."""
+        raw = msg.npages * self.page_size
+        if length <= 0 or length > pages.zstd_bound(raw):
+            raise ProtocolError(f"MEMORY_ZSTD: a frame of {length} bytes for {msg.npages} "
+                                f"pages (at most {pages.zstd_bound(raw)})")
+        frame = self.read(length)
+        if mem is None:
+            msg.data = frame
+            return
+        if getattr(self, "_zstd", None) is None:
+            self._zstd = pages.Zstd()
+        try:
+            self._zstd.decompress_into(mem, msg.starts, msg.counts, frame, self.page_size)
+        except ValueError as e:
+            raise ProtocolError(f"MEMORY_ZSTD: corrupt compressed batch of {msg.npages} "
+                                f"pages at pfn {int(msg.starts[0])}: {e}") from None
 
     def recv(self, npages: int = 1 << 52, mem=None):
         return self.recv_body(self.recv_header(), npages, mem)

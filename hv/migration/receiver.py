@@ -32,8 +32,8 @@ import numpy as np
 from ..memory import PAGE_SIZE
 from . import pages
 from .protocol import (
-    FEATURE_VERIFY, FEATURES, VERSION, Command, Control, Hello, MigrationError, PeerError,
-    ProtocolError, Ranges, Stream, ack, error, reason)
+    DATA_COMMANDS, FEATURE_VERIFY, FEATURES, VERSION, Command, Control, Hello, MigrationError,
+    PeerError, ProtocolError, Ranges, Stream, ack, error, reason)
 from .state_codec import decode_state
 from .transport import (TLS_HANDSHAKE_BYTE, SocketStream, TlsStream, format_uri, listen,
                         ssl_reason, tune_socket)
@@ -51,6 +51,7 @@ class State(enum.Enum):
 _PAGE_TRANSITIONS = {
     (State.WAIT_HELLO, Command.HELLO): State.MEMORY,
     (State.MEMORY, Command.MEMORY): State.MEMORY,
+    (State.MEMORY, Command.MEMORY_ZSTD): State.MEMORY,
     (State.MEMORY, Command.ZERO): State.MEMORY,
     (State.MEMORY, Command.FILL): State.MEMORY,
     (State.MEMORY, Command.FREE): State.MEMORY,
@@ -147,7 +148,7 @@ class Receiver:
         if self.prefault is not None and self.state != State.WAIT_HELLO:
             self.prefault.stop()
         msg = stream.recv_body(h, self.npages,
-                               mem=self.memory if h.command == Command.MEMORY else None,
+                               mem=self.memory if h.command in DATA_COMMANDS else None,
                                ram=self.ram)
         handler = getattr(self, "_on_" + h.command.name.lower())
         handler(msg, stream)
@@ -226,6 +227,8 @@ class Receiver:
         self.stats["pages"] += msg.npages
         self.stats["bytes"] += msg.npages * PAGE_SIZE
         self._record_hashes(msg)
+
+    _on_memory_zstd = _on_memory       # decompressed into guest memory by the stream
 
     def _on_zero(self, msg: Ranges, stream: Stream) -> None:
         pages.fill(self.memory, msg.starts, msg.counts, 0, discard=True)

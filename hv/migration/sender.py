@@ -39,6 +39,7 @@ import numpy as np
 from .. import params
 from ..memory import PAGE_SIZE, bitmap_words
 from . import pages
+from .compression import COMPRESSION_MODES, DEFAULT_LEVEL, MAX_LEVEL, MIN_LEVEL, Compression
 from .protocol import (
     FEATURE_VERIFY, FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError,
     Ranges, cancel as cancel_msg, error as error_msg)
@@ -109,6 +110,10 @@ class MigrationParams:
     cpu_throttle_initial: int = 20
     cpu_throttle_increment: int = 10
     max_cpu_throttle: int = 99
+    #: the data pages on the wire: none, zstd (every batch), auto (while the
+    #: link is slower than the compressor makes up for; hv.migration.compression)
+    compression: str = "none"
+    compression_level: int = DEFAULT_LEVEL
     tls: object = None                  # hv.tls.TlsCredentials: every connection over TLS
     tls_hostname: str = ""              # the name the destination's certificate must carry
                                         # ("": the URI's host)
@@ -135,6 +140,8 @@ class MigrationParams:
         "cpu_throttle_initial": (params.integer, 1, 99),
         "cpu_throttle_increment": (params.integer, 1, 99),
         "max_cpu_throttle": (params.integer, 1, 99),
+        "compression": (params.choice, COMPRESSION_MODES),
+        "compression_level": (params.integer, MIN_LEVEL, MAX_LEVEL),
         "tls": (_tls_credentials,),
         "tls_hostname": (params.string,),
     }
@@ -191,6 +198,8 @@ class Stats:
     verify_ms: float = 0.0
     #: the vCPUs' throttle now (auto-converge), percent
     cpu_throttle_percentage: int = 0
+    #: what compression did (Compression.info()), with compression on
+    compression: dict | None = None
     warning: str | None = None
     error: str | None = None
 
@@ -234,6 +243,7 @@ class Migration:
         self._pause_cost_ms = PAUSE_ESTIMATE_MS
         self._tail_ms = TAIL_ESTIMATE_MS
         self._dirty_rate_high = 0
+        self._compression = Compression(params.compression, params.compression_level)
         if params.auto_converge and not isinstance(machine, KvmSourceMachine):
             raise MigrationError("auto-converge throttles vCPUs: this machine has none")
         # per-page hashes of what the destination holds, kept up to date as
@@ -279,6 +289,8 @@ class Migration:
         with self._lock:
             d = dict(self.s.__dict__)
             d["rounds"] = [dict(r) for r in self.s.rounds]
+        if self._compression.enabled:
+            d["compression"] = self._compression.info()
             if self.s.status in FINAL_STATUSES:
                 self._queried_final.set()
         if self._t0 is not None and not self._done.is_set():
@@ -499,7 +511,7 @@ class Migration:
                 self._check_cancel()
                 base = int(ends[i - 1]) if i else 0
                 j = max(i + 1, int(np.searchsorted(ends, base + BATCH_PAGES, side="right")))
-                n = stream.send(Ranges(Command.MEMORY, s[i:j], c[i:j]), self.memory)
+                n = self._send_batch(stream, s[i:j], c[i:j])
                 # hashed after the send: a write in between is in the dirty
                 # log, so the page is sent (and hashed) again later
                 self._record_hashes(s[i:j], c[i:j])
@@ -510,6 +522,15 @@ class Migration:
                     self.s.pages_sent += npg
                     self.s.bytes_sent += n
                 i = j
+
+    def _send_batch(self, stream: SocketStream, starts: np.ndarray, counts: np.ndarray) -> int:
+        """One batch of data pages, compressed when the compression mode says
+        so (hv.migration.compression); returns the bytes on the wire."""
+        def plain():
+            return stream.send(Ranges(Command.MEMORY, starts, counts), self.memory)
+        if not self._compression.enabled:
+            return plain()
+        return self._compression.send_batch(stream, self.memory, starts, counts, plain)
 
     def _send_free(self, bm: np.ndarray, pattern: int) -> None:
         """The pages of bm are free: FILL ranges when the guest poisons free
@@ -544,11 +565,13 @@ class Migration:
     def _end_round(self, rnd: dict, t0: float) -> float:
         dt = max(time.monotonic() - t0, 1e-6)
         rnd["ms"] = round(dt * 1000, 3)
-        bw = rnd["bytes"] / dt
+        # pages' bytes a second: what the downtime estimates need, also when
+        # compression puts fewer bytes on the wire than the pages hold
+        bw = max(rnd["bytes"], rnd["pages"] * PAGE_SIZE) / dt
         if rnd["bytes"] >= 1 << 20 or self._bw == 0:
             self._bw = max(bw, 1.0)
-        with self._lock:
-            self.s.throughput_mib_s = round(self._bw / (1 << 20), 3)
+            with self._lock:
+                self.s.throughput_mib_s = round(rnd["bytes"] / dt / (1 << 20), 3)
         return self._bw
 
     # -- free pages -------------------------------------------------------------

@@ -1,0 +1,144 @@
+"""Compression of the pages a migration sends: none, zstd, or auto.
+
+zstd compresses each batch of data pages into one MEMORY_ZSTD frame (native
+code, hv._pages over libzstd: the pages go from guest memory into the
+compressor and from the decompressor into guest memory, no per-page
+Python). Each connection has its own context, so with several connections
+the batches compress in parallel.
+
+auto decides batch by batch from two measured rates: the compressor's (input
+bytes a second, and the ratio it gets on this guest's pages) and the
+link's (bytes on the wire a second). A batch costs raw/L plain and
+raw/C + ratio*raw/L compressed, so compression pays while L < C * (1 -
+ratio): on a slow link it is on, on loopback it is off. The first batch
+measures the compressor, the second the link; after that one batch in
+PROBE_EVERY goes the other way, so both rates stay current as the guest's
+data and the link change.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from ..memory import PAGE_SIZE
+from . import pages
+from .protocol import Command, Ranges
+
+COMPRESSION_MODES = ("none", "zstd", "auto")
+#: QEMU's multifd-zstd-level range and default
+MIN_LEVEL, MAX_LEVEL, DEFAULT_LEVEL = 1, 20, 1
+#: a frame at least this share of its pages' size is sent as plain MEMORY
+NOT_WORTH = 0.95
+PROBE_EVERY = 32
+#: weight of the newest measurement in the rates (EWMA)
+NEWEST = 0.25
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else old + NEWEST * (new - old)
+
+
+class Compression:
+    """The compression of one outgoing migration: the mode, one zstd context
+    per connection, the measured rates, and what it saved."""
+
+    def __init__(self, mode: str = "none", level: int = DEFAULT_LEVEL):
+        self.mode = mode
+        self.level = level
+        self._contexts: dict[int, pages.Zstd] = {}
+        self._lock = threading.Lock()
+        self._batches = 0
+        self.compress_bps: float | None = None
+        self.ratio: float | None = None
+        self.link_bps: float | None = None
+        self.frames = 0               # batches sent compressed
+        self.pages = 0
+        self.bytes_in = 0             # their pages' size
+        self.bytes_out = 0            # their frames' size
+        self.plain_after_trying = 0   # compressed, but not worth sending so
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "none"
+
+    def _pays(self) -> bool:
+        return (self.link_bps is not None and self.compress_bps is not None
+                and self.link_bps < self.compress_bps * (1 - (self.ratio or 0)))
+
+    def use(self) -> bool:
+        """Whether the next batch is compressed."""
+        if self.mode != "auto":
+            return self.mode == "zstd"
+        with self._lock:
+            n = self._batches
+            self._batches += 1
+            if self.compress_bps is None:
+                return True
+            if self.link_bps is None:
+                return False
+            choice = self._pays()
+            return not choice if n % PROBE_EVERY == 0 else choice
+
+    def context(self, stream) -> pages.Zstd:
+        key = id(stream)
+        with self._lock:
+            z = self._contexts.get(key)
+            if z is None:
+                z = self._contexts[key] = pages.Zstd(self.level)
+            return z
+
+    def compressed(self, raw: int, frame: int, seconds: float) -> None:
+        with self._lock:
+            self.compress_bps = _ewma(self.compress_bps, raw / max(seconds, 1e-6))
+            self.ratio = _ewma(self.ratio, frame / raw)
+
+    def sent(self, wire: int, seconds: float, raw: int, was_compressed: bool) -> None:
+        with self._lock:
+            if wire >= 64 * PAGE_SIZE:      # a few pages say little about the link
+                self.link_bps = _ewma(self.link_bps, wire / max(seconds, 1e-6))
+            if was_compressed:
+                self.frames += 1
+                self.pages += raw // PAGE_SIZE
+                self.bytes_in += raw
+                self.bytes_out += wire
+
+    def info(self) -> dict:
+        """query-migrate's view (hv's prefixed `compression`)."""
+        mib = 1 << 20
+        with self._lock:
+            return {
+                "mode": self.mode, "level": self.level,
+                "active": self.mode == "zstd" or (self.mode == "auto" and self._pays()),
+                "compressed-pages": self.pages,
+                "compressed-bytes-in": self.bytes_in,
+                "compressed-bytes-out": self.bytes_out,
+                "ratio": round(self.bytes_out / self.bytes_in, 4) if self.bytes_in else None,
+                "compressor-mib-s": round(self.compress_bps / mib, 1)
+                if self.compress_bps else None,
+                "link-mib-s": round(self.link_bps / mib, 1) if self.link_bps else None,
+            }
+
+    def send_batch(self, stream, memory, starts, counts, send_plain) -> int:
+        """Send one batch of data pages on stream: as a MEMORY_ZSTD frame when
+        compression is used for it and pays, else with send_plain(). Returns
+        the bytes written."""
+        raw = int(counts.sum()) * PAGE_SIZE
+        if not self.use():
+            t0 = time.monotonic()
+            n = send_plain()
+            self.sent(n, time.monotonic() - t0, raw, False)
+            return n
+        t0 = time.monotonic()
+        frame = self.context(stream).compress(memory, starts, counts)
+        t1 = time.monotonic()
+        self.compressed(raw, len(frame), t1 - t0)
+        if len(frame) >= raw * NOT_WORTH:
+            with self._lock:
+                self.plain_after_trying += 1
+            n = send_plain()
+            self.sent(n, time.monotonic() - t1, raw, False)
+            return n
+        n = stream.send(Ranges(Command.MEMORY_ZSTD, starts, counts, data=frame))
+        self.sent(n, time.monotonic() - t1, raw, True)
+        return n
