@@ -158,20 +158,26 @@ FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
 def qmp_migrate(c, uri: str, parameters: dict | None = None, capabilities: dict | None = None,
-                timeout: float = 300.0, poll_s: float = 0.05) -> dict:
+                timeout: float = 300.0, poll_s: float = 0.05,
+                samples: list | None = None) -> dict:
     """Migrate with QEMU's commands only (the same for hv and QEMU):
     migrate-set-capabilities, migrate-set-parameters, migrate, then
     query-migrate until the migration ends (migrate_cancel after timeout s,
-    status "timeout"). Returns the last MigrationInfo."""
+    status "timeout"). Returns the last MigrationInfo. samples, when given,
+    gets (seconds since migrate, bytes sent, bytes remaining) of every poll."""
     if capabilities:
         c.execute("migrate-set-capabilities", capabilities=[
             {"capability": k, "state": v} for k, v in capabilities.items()])
     if parameters:
         c.execute("migrate-set-parameters", parameters)
     c.execute("migrate", uri=uri)
-    deadline = time.monotonic() + timeout
+    t0 = time.monotonic()
+    deadline = t0 + timeout
     while True:
         q = c.execute("query-migrate")
+        if samples is not None and q.get("ram"):
+            samples.append((round(time.monotonic() - t0, 4), q["ram"].get("transferred", 0),
+                            q["ram"].get("remaining", 0)))
         if q.get("status") in FINAL_STATUSES:
             return q
         if time.monotonic() > deadline:
