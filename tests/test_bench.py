@@ -72,3 +72,23 @@ def test_charts_are_pngs(tmp_path):
         assert head[:8] == b"\x89PNG\r\n\x1a\n"
         width = int.from_bytes(head[16:20], "big")
         assert width >= 900            # a real figure, not a stand-in
+
+
+def test_one_report_from_hv_and_from_qemu():
+    from hv.bench.report import FIELDS, from_query_migrate
+    from hv.qmp_commands import PREFIX
+    qemu = {"status": "completed", "total-time": 300, "setup-time": 12, "downtime": 40,
+            "ram": {"transferred": 44 << 20, "total": 256 << 20, "normal": 10500,
+                    "duplicate": 40000, "dirty-sync-count": 3, "page-size": 4096,
+                    "mbps": 1000.0}}
+    hv = dict(qemu, **{PREFIX + "rounds": [{"pages": 7000}, {"pages": 12}],
+                       PREFIX + "pages-skipped-free": 50000,
+                       PREFIX + "pages-skipped-zero": 1000, PREFIX + "verified": True})
+    rq, rh = from_query_migrate(qemu), from_query_migrate(hv)
+    assert set(rq) == set(rh) == set(FIELDS)
+    assert (rq["pages_total"], rq["rounds"], rq["round_pages"], rq["pages_skipped_zero"],
+            rq["pages_skipped_free"]) == (65536, 3, [10500], 40000, None)
+    assert (rh["rounds"], rh["round_pages"], rh["pages_skipped_zero"],
+            rh["pages_skipped_free"], rh["verified"]) == (2, [7000, 12], 1000, 50000, True)
+    assert rh["throughput_mib_s"] == round(1000e6 / 8 / (1 << 20), 3)
+    assert rq["setup_ms"] == 12 and rq["bytes_sent"] == 44 << 20
