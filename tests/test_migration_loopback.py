@@ -452,8 +452,9 @@ def test_migrate_compressed_verifies(mode):
         # auto compressed the first batch to measure the compressor; whether it
         # goes on compressing follows from the two rates
         assert c["ratio"] < 0.1
-        if c["link-mib-s"]:
-            assert c["active"] == (c["link-mib-s"] < c["compressor-mib-s"] * (1 - c["ratio"]))
+        pays = c["compressor-mib-s"] * (1 - c["ratio"])
+        if c["link-mib-s"] and abs(c["link-mib-s"] - pays) > 0.05 * pays:
+            assert c["active"] == (c["link-mib-s"] < pays)
 
 
 def test_compression_parameters_are_checked():

@@ -10,16 +10,21 @@ auto decides batch by batch from two measured rates: the compressor's (input
 bytes a second, and the ratio it gets on this guest's pages) and the
 link's (bytes on the wire a second). A batch costs raw/L plain and
 raw/C + ratio*raw/L compressed, so compression pays while L < C * (1 -
-ratio): on a slow link it is on, on loopback it is off. The first batch
-measures the compressor, the second the link; after that one batch in
-PROBE_EVERY goes the other way, so both rates stay current as the guest's
-data and the link change.
+ratio): on a slow link it is on, on loopback it is off. The compressor is
+measured on a sample (the first SAMPLE_PAGES pages of a batch, compressed
+and thrown away: a fraction of a millisecond) at the first batch and every
+PROBE_EVERY batches after; the link on every send of a batch, so both stay
+current as the guest's data and the link change, and a fast link never
+pays for a whole batch compressed. Until the link has been measured,
+batches go plain.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+
+import numpy as np
 
 from ..memory import PAGE_SIZE
 from . import pages
@@ -31,6 +36,7 @@ MIN_LEVEL, MAX_LEVEL, DEFAULT_LEVEL = 1, 20, 1
 #: a frame at least this share of its pages' size is sent as plain MEMORY
 NOT_WORTH = 0.95
 PROBE_EVERY = 32
+SAMPLE_PAGES = 64
 #: weight of the newest measurement in the rates (EWMA)
 NEWEST = 0.25
 
@@ -66,19 +72,33 @@ class Compression:
         return (self.link_bps is not None and self.compress_bps is not None
                 and self.link_bps < self.compress_bps * (1 - (self.ratio or 0)))
 
-    def use(self) -> bool:
-        """Whether the next batch is compressed."""
-        if self.mode != "auto":
-            return self.mode == "zstd"
+    def _sample_due(self) -> bool:
         with self._lock:
             n = self._batches
             self._batches += 1
-            if self.compress_bps is None:
-                return True
-            if self.link_bps is None:
-                return False
-            choice = self._pays()
-            return not choice if n % PROBE_EVERY == 0 else choice
+            return self.compress_bps is None or n % PROBE_EVERY == 0
+
+    def _sample(self, stream, memory, starts, counts) -> None:
+        """Measure the compressor on the batch's first SAMPLE_PAGES pages."""
+        ends = np.cumsum(counts)
+        k = int(np.searchsorted(ends, SAMPLE_PAGES, side="left")) + 1
+        s, c = starts[:k].copy(), counts[:k].copy()
+        over = int(ends[k - 1]) - SAMPLE_PAGES
+        if over > 0:
+            c[-1] -= np.uint64(over)
+        t0 = time.monotonic()
+        frame = self.context(stream).compress(memory, s, c)
+        self.compressed(int(c.sum()) * PAGE_SIZE, len(frame), time.monotonic() - t0)
+
+    def use(self, stream=None, memory=None, starts=None, counts=None) -> bool:
+        """Whether this batch is compressed (auto: measuring the compressor on
+        a sample of it when due)."""
+        if self.mode != "auto":
+            return self.mode == "zstd"
+        if self._sample_due() and memory is not None:
+            self._sample(stream, memory, starts, counts)
+        with self._lock:
+            return self._pays()
 
     def context(self, stream) -> pages.Zstd:
         key = id(stream)
@@ -113,7 +133,9 @@ class Compression:
                 "compressed-pages": self.pages,
                 "compressed-bytes-in": self.bytes_in,
                 "compressed-bytes-out": self.bytes_out,
-                "ratio": round(self.bytes_out / self.bytes_in, 4) if self.bytes_in else None,
+                # what the compressor makes of this guest's pages (measured
+                # on every compression, samples included)
+                "ratio": round(self.ratio, 4) if self.ratio is not None else None,
                 "compressor-mib-s": round(self.compress_bps / mib, 1)
                 if self.compress_bps else None,
                 "link-mib-s": round(self.link_bps / mib, 1) if self.link_bps else None,
@@ -124,7 +146,7 @@ class Compression:
         compression is used for it and pays, else with send_plain(). Returns
         the bytes written."""
         raw = int(counts.sum()) * PAGE_SIZE
-        if not self.use():
+        if not self.use(stream, memory, starts, counts):
             t0 = time.monotonic()
             n = send_plain()
             self.sent(n, time.monotonic() - t0, raw, False)
