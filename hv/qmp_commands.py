@@ -62,7 +62,8 @@ SHUTDOWN_CAUSES = {
 }
 
 #: QEMU's capabilities that hv has, with their defaults
-CAPABILITIES = {"events": False, "multifd": False, "auto-converge": False}
+CAPABILITIES = {"events": False, "multifd": False, "auto-converge": False,
+                "dirty-limit": False}
 
 #: migrate-set-parameters member -> the MigrationParams field it sets
 PARAMETER_FIELDS = {
@@ -83,6 +84,7 @@ PARAMETER_FIELDS = {
     # also takes "auto" (hv.migration.compression)
     "multifd-compression": "compression",
     "multifd-zstd-level": "compression_level",
+    "vcpu-dirty-limit": "vcpu_dirty_limit",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
@@ -90,7 +92,7 @@ PARAMETER_TYPES = {
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
     PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
     "cpu-throttle-initial": "int", "cpu-throttle-increment": "int", "max-cpu-throttle": "int",
-    "multifd-compression": "str", "multifd-zstd-level": "int",
+    "multifd-compression": "str", "multifd-zstd-level": "int", "vcpu-dirty-limit": "int",
     "tls-creds": "str", "tls-hostname": "str", "tls-authz": "str",
     PREFIX + "tls-authz-names": "list",
 }
@@ -118,6 +120,7 @@ def _defaults() -> dict:
         "max-cpu-throttle": d.max_cpu_throttle,
         "multifd-compression": d.compression,
         "multifd-zstd-level": d.compression_level,
+        "vcpu-dirty-limit": d.vcpu_dirty_limit,
         "tls-creds": "", "tls-hostname": "", "tls-authz": "",
     }
 
@@ -353,6 +356,7 @@ class QemuMonitor:
             args[PARAMETER_FIELDS[name]] = value
         args.setdefault("free_pages", self._default_free_pages())
         args["auto_converge"] = bool(capabilities.get("auto-converge"))
+        args["dirty_limit"] = bool(capabilities.get("dirty-limit"))
         return args
 
     @staticmethod
@@ -534,6 +538,7 @@ class QemuMonitor:
             "verified": q.get("verified"),
             "verify-ms": _ms(q["verify_ms"]) if q.get("verify_ms") else None,
             "compression": q.get("compression"),
+            "dirty-limit": q.get("dirty_limit"),
             "warning": q.get("warning"),
         }
         info.update({PREFIX + k: v for k, v in extra.items() if v is not None})

@@ -64,6 +64,18 @@ def test_auto_converge_is_qemus_capability_and_parameters(monitor):
         run(cmds, "migrate-set-parameters", {"max-cpu-throttle": 100})
 
 
+def test_dirty_limit_is_qemus_capability_and_parameter(monitor):
+    mon, cmds, machine, _ = monitor
+    assert run(cmds, "query-migrate-parameters")["vcpu-dirty-limit"] == 1   # QEMU's default
+    run(cmds, "migrate-set-capabilities", {"capabilities": [
+        {"capability": "dirty-limit", "state": True}]})
+    run(cmds, "migrate-set-parameters", {"vcpu-dirty-limit": 50})
+    p = MigrationParams.from_args(mon._hv_args(mon.parameters, mon.capabilities, "tcp:h:1"))
+    assert (p.dirty_limit, p.vcpu_dirty_limit, p.auto_converge) == (True, 50, False)
+    with pytest.raises(QmpError, match="'vcpu-dirty-limit'"):
+        run(cmds, "migrate-set-parameters", {"vcpu-dirty-limit": 0})
+
+
 def test_compression_is_qemus_multifd_compression_on_every_connection(monitor):
     mon, cmds, machine, _ = monitor
     q = run(cmds, "query-migrate-parameters")

@@ -56,6 +56,9 @@ class KvmSourceMachine(SourceMachine, Protocol):
 
     def set_cpu_throttle(self, percent: int) -> None: ...
 
+    #: dirty-limit: one vCPU's throttle, percent (0: off)
+    def set_vcpu_throttle(self, index: int, percent: int) -> None: ...
+
 
 @runtime_checkable
 class DestinationMachine(Protocol):

@@ -128,6 +128,9 @@ class RingDirtyLog(KvmDirtyLog):
         self._stop_harvester = threading.Event()
         self._harvester: threading.Thread | None = None
         self.stats = {"ring_full_exits": 0, "overflows": 0, "harvested": 0}
+        #: entries each vCPU's ring published since logging went on: its dirty
+        #: rate (hv.migration.dirty_limit), a page counted again after each reset
+        self.vcpu_dirtied = [0] * len(machine.vcpus)
 
     def start(self) -> None:
         # The handler first: no full ring is emptied without us from the
@@ -139,7 +142,10 @@ class RingDirtyLog(KvmDirtyLog):
                                            daemon=True)
         self._harvester.start()
 
-    def _take(self, slots: np.ndarray, offsets: np.ndarray, lost: bool) -> None:
+    def _take(self, slots: np.ndarray, offsets: np.ndarray, lost: bool,
+              index: int | None = None) -> None:
+        if index is not None:
+            self.vcpu_dirtied[index] += len(slots)
         for slot, first, n in self._slot_list:
             offs = offsets[(slots == slot) & (offsets < n)]
             self._pending[first + offs.astype(np.int64)] = True
@@ -152,14 +158,15 @@ class RingDirtyLog(KvmDirtyLog):
         """KVM_EXIT_DIRTY_RING_FULL, on the vCPU's own thread."""
         with self._plock:
             self.stats["ring_full_exits"] += 1
-            self._take(*vcpu.drain_full_dirty_ring(self.vm.reset_dirty_rings))
+            self._take(*vcpu.drain_full_dirty_ring(self.vm.reset_dirty_rings),
+                       index=self.machine.vcpus.index(vcpu))
 
     def _harvest_loop(self) -> None:
         while not self._stop_harvester.wait(self.HARVEST_INTERVAL_S):
             try:
                 with self._plock:
-                    for vcpu in self.machine.vcpus:
-                        self._take(*vcpu.harvest_dirty_ring_arrays())
+                    for i, vcpu in enumerate(self.machine.vcpus):
+                        self._take(*vcpu.harvest_dirty_ring_arrays(), index=i)
                     self.vm.reset_dirty_rings()
             except OSError:      # the VM is going away
                 return
@@ -167,8 +174,8 @@ class RingDirtyLog(KvmDirtyLog):
     def sync(self) -> np.ndarray:
         from ..memory import pack_bitmap
         with self._plock:
-            for vcpu in self.machine.vcpus:
-                self._take(*vcpu.harvest_dirty_ring_arrays())
+            for i, vcpu in enumerate(self.machine.vcpus):
+                self._take(*vcpu.harvest_dirty_ring_arrays(), index=i)
             self.vm.reset_dirty_rings()
             bits, self._pending = self._pending, np.zeros(self.npages, dtype=bool)
             overflowed, self._overflowed = self._overflowed, False

@@ -44,6 +44,7 @@ from .protocol import (
     FEATURE_VERIFY, FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError,
     Ranges, cancel as cancel_msg, error as error_msg)
 from .contract import KvmSourceMachine, SourceMachine
+from .dirty_limit import DirtyLimit
 from .dirty_log import dirty_log_for
 from .state_codec import state_message
 from .transport import SocketStream, TlsStream, connect, parse_uri, tls_client
@@ -110,6 +111,11 @@ class MigrationParams:
     cpu_throttle_initial: int = 20
     cpu_throttle_increment: int = 10
     max_cpu_throttle: int = 99
+    #: dirty-limit (QEMU's capability and vcpu-dirty-limit, MB/s, default 1):
+    #: with dirty rings, once the same trigger fires, each vCPU is throttled
+    #: on its own to keep its dirty rate at the limit (hv.migration.dirty_limit)
+    dirty_limit: bool = False
+    vcpu_dirty_limit: int = 1
     #: the data pages on the wire: none, zstd (every batch), auto (while the
     #: link is slower than the compressor makes up for; hv.migration.compression)
     compression: str = "none"
@@ -140,6 +146,8 @@ class MigrationParams:
         "cpu_throttle_initial": (params.integer, 1, 99),
         "cpu_throttle_increment": (params.integer, 1, 99),
         "max_cpu_throttle": (params.integer, 1, 99),
+        "dirty_limit": (params.boolean,),
+        "vcpu_dirty_limit": (params.integer, 1, 1_000_000),
         "compression": (params.choice, COMPRESSION_MODES),
         "compression_level": (params.integer, MIN_LEVEL, MAX_LEVEL),
         "tls": (_tls_credentials,),
@@ -200,6 +208,8 @@ class Stats:
     cpu_throttle_percentage: int = 0
     #: what compression did (Compression.info()), with compression on
     compression: dict | None = None
+    #: dirty-limit's per-vCPU rates and throttles (DirtyLimit.info()), once on
+    dirty_limit: dict | None = None
     warning: str | None = None
     error: str | None = None
 
@@ -251,6 +261,14 @@ class Migration:
         self._hashes = np.zeros(self.npages, dtype=np.uint64) if params.verify else None
         self.log = dirty_log_for(machine, params.dirty_log)
         self.s.dirty_log = self.log.kind
+        self._dirty_limit: DirtyLimit | None = None
+        if params.dirty_limit:
+            if params.auto_converge:
+                raise MigrationError("dirty-limit and auto-converge throttle the same vCPUs: "
+                                     "turn one of them off (QEMU refuses both as well)")
+            if self.log.kind != "ring":
+                raise MigrationError("dirty-limit reads each vCPU's dirty rate from its dirty "
+                                     "ring: start the guest with run-guest --dirty-ring BYTES")
 
     # -- control ----------------------------------------------------------
     def start(self) -> "Migration":
@@ -291,6 +309,8 @@ class Migration:
             d["rounds"] = [dict(r) for r in self.s.rounds]
         if self._compression.enabled:
             d["compression"] = self._compression.info()
+        if self._dirty_limit is not None:
+            d["dirty_limit"] = self._dirty_limit.info()
             if self.s.status in FINAL_STATUSES:
                 self._queried_final.set()
         if self._t0 is not None and not self._done.is_set():
@@ -703,6 +723,11 @@ class Migration:
         if self._dirty_rate_high < 2:
             return
         self._dirty_rate_high = 0
+        if p.dirty_limit:
+            if self._dirty_limit is None:
+                self._dirty_limit = DirtyLimit(self.machine, self.log,
+                                               p.vcpu_dirty_limit).start()
+            return
         now = self.machine.cpu_throttle_percentage
         pct = p.cpu_throttle_initial if not now else now + p.cpu_throttle_increment
         pct = min(pct, p.max_cpu_throttle)
@@ -712,6 +737,10 @@ class Migration:
             self.s.cpu_throttle_percentage = pct
 
     def _end_throttle(self) -> None:
+        if self._dirty_limit is not None:
+            self._dirty_limit.stop()
+            with self._lock:
+                self.s.dirty_limit = self._dirty_limit.info()
         if self.p.auto_converge and self.machine.cpu_throttle_percentage:
             self.machine.set_cpu_throttle(0)
 
@@ -739,7 +768,7 @@ class Migration:
             dirty = self._sync()
             pages.or_into(ever_dirty, dirty)
             n = pages.count(dirty)
-            if number and p.auto_converge:
+            if number and (p.auto_converge or p.dirty_limit):
                 self._maybe_throttle(n * PAGE_SIZE, self.s.rounds[-1]["bytes"])
             expected_ms = self._estimate_ms(n)
             with self._lock:

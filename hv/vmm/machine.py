@@ -190,6 +190,8 @@ class Machine:
         self.on_shutdown: list[Callable[[str], None]] = []
         #: CPU throttle (auto-converge): percent of each timeslice the vCPUs sleep
         self._throttle_pct = 0
+        #: per-vCPU throttle (dirty-limit), on top of the machine-wide one
+        self._vcpu_throttle = [0] * len(self.vcpus)
         self._throttle_due = [False] * len(self.vcpus)
         self._throttle_thread: threading.Thread | None = None
 
@@ -529,36 +531,62 @@ class Machine:
                 self._holds.add(PAUSE_MIGRATION)
             self._set_status(STATUS_POSTMIGRATE, "migrated")
 
-    # -- CPU throttle (auto-converge) ----------------------------------------------
+    # -- CPU throttle (auto-converge, dirty-limit) ---------------------------------
     @property
     def cpu_throttle_percentage(self) -> int:
         return self._throttle_pct
+
+    @property
+    def vcpu_throttle_percentages(self) -> list[int]:
+        return list(self._vcpu_throttle)
+
+    @staticmethod
+    def _check_throttle(percent) -> None:
+        if isinstance(percent, bool) or not isinstance(percent, int) or \
+                not 0 <= percent <= MAX_CPU_THROTTLE:
+            raise MachineError(f"CPU throttle of {percent!r} %: give 0 (off) to "
+                               f"{MAX_CPU_THROTTLE}")
 
     def set_cpu_throttle(self, percent: int) -> None:
         """Let every vCPU run only (100 - percent) % of the time, as QEMU's
         cpu-throttle does for auto-converge: each CPU_THROTTLE_TIMESLICE_S
         the vCPU threads are kicked out of KVM_RUN and sleep
         percent / (100 - percent) timeslices. 0 ends the throttle."""
-        if isinstance(percent, bool) or not isinstance(percent, int) or \
-                not 0 <= percent <= MAX_CPU_THROTTLE:
-            raise MachineError(f"CPU throttle of {percent!r} %: give 0 (off) to "
-                               f"{MAX_CPU_THROTTLE}")
+        self._check_throttle(percent)
         with self._cond:
             self._throttle_pct = percent
-            self._cond.notify_all()
-            start = percent and (self._throttle_thread is None
-                                 or not self._throttle_thread.is_alive())
-            if start:
-                self._throttle_thread = threading.Thread(target=self._throttle_loop,
-                                                         name="hv-cpu-throttle", daemon=True)
+            self._start_throttle()
+
+    def set_vcpu_throttle(self, index: int, percent: int) -> None:
+        """The same for one vCPU (dirty-limit); a vCPU sleeps the larger of its
+        own and the machine's share."""
+        self._check_throttle(percent)
+        if not 0 <= index < len(self.vcpus):
+            raise MachineError(f"no vCPU {index}: the machine has {len(self.vcpus)}")
+        with self._cond:
+            self._vcpu_throttle[index] = percent
+            self._start_throttle()
+
+    def _throttle_of(self, index: int) -> int:
+        return max(self._throttle_pct, self._vcpu_throttle[index])
+
+    def _start_throttle(self) -> None:
+        """Under _cond: wake the vCPUs, and start the timeslice thread when a
+        throttle is on and it is not running."""
+        self._cond.notify_all()
+        on = self._throttle_pct or any(self._vcpu_throttle)
+        start = on and (self._throttle_thread is None or not self._throttle_thread.is_alive())
         if start:
+            self._throttle_thread = threading.Thread(target=self._throttle_loop,
+                                                     name="hv-cpu-throttle", daemon=True)
             self._throttle_thread.start()
 
     def _throttle_loop(self) -> None:
         while True:
             time.sleep(CPU_THROTTLE_TIMESLICE_S)
             with self._cond:
-                if not self._throttle_pct or self._want == STATUS_SHUTDOWN:
+                if not (self._throttle_pct or any(self._vcpu_throttle)) \
+                        or self._want == STATUS_SHUTDOWN:
                     self._throttle_due = [False] * len(self.vcpus)
                     return
                 if self._want != STATUS_RUNNING:
@@ -659,12 +687,12 @@ class Machine:
                             continue
                         self._cond.wait()
                         continue
-                    if self._throttle_due[index] and self._throttle_pct:
+                    if self._throttle_due[index] and self._throttle_of(index):
                         # throttled: sleep out this timeslice's share; a pause,
                         # a shutdown or a throttle change ends the sleep early
                         self._throttle_due[index] = False
                         self._in_run[index] = False
-                        pct = self._throttle_pct
+                        pct = self._throttle_of(index)
                         self._cond.wait(CPU_THROTTLE_TIMESLICE_S * pct / (100 - pct))
                         continue
                     # running: clear a kick left over from an earlier pause
