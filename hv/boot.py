@@ -73,6 +73,10 @@ class BootResult:
     initrd_addr: int = 0
     initrd_size: int = 0
     e820: list = field(default_factory=list)
+    #: (guest physical start, length) of the image's parts the guest keeps for
+    #: good: every PT_LOAD segment of a vmlinux but the writable and executable
+    #: one (Linux's .init and .bss, freed or zeroed at boot); [] for a bzImage
+    resident: list = field(default_factory=list)
 
 
 # -- command line -------------------------------------------------------------
@@ -246,15 +250,19 @@ def pvh_entry(data: bytes, path: str = "kernel", phdrs=None) -> int | None:
     return None
 
 
-def _load_elf(mem: GuestMemory, data: bytes, path: str) -> tuple[int, int, int]:
-    """Copy PT_LOAD segments to p_paddr; returns (pvh entry, start, end)."""
+PF_X, PF_W = 1, 2
+
+
+def _load_elf(mem: GuestMemory, data: bytes, path: str) -> tuple[int, int, int, list]:
+    """Copy PT_LOAD segments to p_paddr; returns (pvh entry, start, end,
+    resident ranges)."""
     phdrs = elf_program_headers(data, path)
     entry = pvh_entry(data, path, phdrs)
     if entry is None:
         raise BootError(f"{path!r}: no PVH entry point (XEN_ELFNOTE_PHYS32_ENTRY): build "
                         "the kernel with CONFIG_PVH=y")
-    start, end = None, 0
-    for p_type, _, p_offset, _, p_paddr, p_filesz, p_memsz, _ in phdrs:
+    start, end, resident = None, 0, []
+    for p_type, p_flags, p_offset, _, p_paddr, p_filesz, p_memsz, _ in phdrs:
         if p_type != PT_LOAD or p_memsz == 0:
             continue
         if p_offset + p_filesz > len(data):
@@ -267,9 +275,11 @@ def _load_elf(mem: GuestMemory, data: bytes, path: str) -> tuple[int, int, int]:
             mem.fill(p_paddr + p_filesz, p_memsz - p_filesz, 0)
         start = p_paddr if start is None else min(start, p_paddr)
         end = max(end, p_paddr + p_memsz)
+        if p_flags & (PF_X | PF_W) != PF_X | PF_W:
+            resident.append((p_paddr, p_memsz))
     if start is None:
         raise BootError(f"{path!r}: ELF without loadable segments")
-    return entry, start, end
+    return entry, start, end, resident
 
 
 # -- bzImage --------------------------------------------------------------------
@@ -326,11 +336,12 @@ def load_kernel(mem: GuestMemory, kernel_path: str, cmdline: Cmdline | str,
     if e820 is None:
         e820 = mptable.e820_map(getattr(mem, "regions", mem.size))
     if is_elf(data):
-        entry, start, end = _load_elf(mem, data, kernel_path)
+        entry, start, end, resident = _load_elf(mem, data, kernel_path)
         protocol = PROTOCOL_PVH
         setup_header = None
     elif len(data) > 0x206 and data[0x202:0x206] == HDR_MAGIC:
         setup_header, start, end = _load_bzimage(mem, data, kernel_path)
+        resident = []
         entry = HIMEM_START + 0x200
         protocol = PROTOCOL_LINUX64
     else:
@@ -361,7 +372,7 @@ def load_kernel(mem: GuestMemory, kernel_path: str, cmdline: Cmdline | str,
         boot_info = _write_boot_params(mem, setup_header, len(cmd), initrd_addr,
                                        initrd_size, e820)
     return BootResult(protocol, entry, start, end, boot_info, cmd, initrd_addr, initrd_size,
-                      list(e820))
+                      list(e820), resident)
 
 
 def _write_pvh_start_info(mem: GuestMemory, initrd_addr: int, initrd_size: int,

@@ -539,6 +539,7 @@ class QemuMonitor:
             "verify-ms": _ms(q["verify_ms"]) if q.get("verify_ms") else None,
             "compression": q.get("compression"),
             "dirty-limit": q.get("dirty_limit"),
+            "pages-sent-before-bitmap": q.get("pages_sent_before_bitmap") or None,
             "warning": q.get("warning"),
         }
         info.update({PREFIX + k: v for k, v in extra.items() if v is not None})

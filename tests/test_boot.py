@@ -55,6 +55,20 @@ def test_pvh_elf_loads():
     assert rsdp == 0
 
 
+def test_resident_ranges_are_the_image_but_its_init_and_bss(linux_images):
+    """The Linux vmlinux: text, data and per-cpu stay; the segment that is
+    writable and executable (.init, .bss, freed or zeroed at boot) does not."""
+    kernel, _ = linux_images
+    mem = GuestMemory(64 * MIB)
+    r = boot.load_kernel(mem, kernel, "console=ttyS0")
+    with open(kernel, "rb") as f:
+        phdrs = boot.elf_program_headers(f.read(), kernel)
+    loads = [(p[4], p[6], p[1]) for p in phdrs if p[0] == boot.PT_LOAD and p[6]]
+    rwx = [(a, n) for a, n, flags in loads if flags & 3 == 3]
+    assert rwx and r.resident == [(a, n) for a, n, flags in loads if flags & 3 != 3]
+    assert all(r.kernel_start <= a and a + n <= r.kernel_end for a, n in r.resident)
+
+
 def test_not_a_kernel(tmp_path):
     p = tmp_path / "junk"
     p.write_bytes(b"hello" * 200)

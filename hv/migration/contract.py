@@ -38,6 +38,10 @@ class SourceMachine(Protocol):
 
     def request_shutdown(self, reason: str) -> None: ...
 
+    #: (guest physical start, length) ranges the guest never frees (its
+    #: kernel image), sent while the guest builds its free page bitmap
+    def resident_ranges(self) -> list[tuple[int, int]]: ...
+
 
 @runtime_checkable
 class KvmSourceMachine(SourceMachine, Protocol):

@@ -210,6 +210,8 @@ class Stats:
     compression: dict | None = None
     #: dirty-limit's per-vCPU rates and throttles (DirtyLimit.info()), once on
     dirty_limit: dict | None = None
+    #: pages of the guest's kernel image sent while it built its free page bitmap
+    pages_sent_before_bitmap: int = 0
     warning: str | None = None
     error: str | None = None
 
@@ -222,6 +224,36 @@ TAIL_ESTIMATE_MS = 10.0
 PAUSE_ESTIMATE_MS = 10.0
 
 FINAL_STATUSES = ("completed", "failed", "cancelled")
+#: pages of the kernel image per message while the free page bitmap is coming
+RESIDENT_CHUNK_PAGES = 1024
+
+
+class FreePages:
+    """The free page bitmap (or hints), asked for on a thread of its own so
+    that the migration goes on while the guest builds it."""
+
+    def __init__(self, ask):
+        self._box: dict = {}
+        self._thread = threading.Thread(target=self._run, args=(ask,),
+                                        name="hv-migrate-free-pages", daemon=True)
+        self._thread.start()
+
+    def _run(self, ask) -> None:
+        try:
+            self._box["free"] = ask()
+        except BaseException as e:      # raised again on the migration's thread
+            self._box["error"] = e
+
+    @property
+    def done(self) -> bool:
+        return not self._thread.is_alive()
+
+    def result(self) -> np.ndarray | None:
+        """The free pages (None: none are skipped), once the guest answered."""
+        self._thread.join()
+        if "error" in self._box:
+            raise self._box["error"]
+        return self._box["free"]
 
 
 class Migration:
@@ -638,37 +670,50 @@ class Migration:
         return (self._pause_cost_ms + npages * PAGE_SIZE / max(self._bw, 1.0) * 1000
                 + self._tail_ms + self._rtt_ms)
 
-    def _setup(self) -> np.ndarray | None:
-        """Dirty logging on, then the connections made while the guest builds
-        its free page bitmap (the slow part: its kernel walks its free
-        lists): setup costs the longer of the two, not their sum. Returns
-        the free pages (None: none are skipped)."""
+    def _setup(self) -> "FreePages":
+        """Dirty logging on, the free pages asked for, and the connections
+        made while the guest builds its bitmap (the slow part: its kernel,
+        emulated here, walks its free lists). Setup ends when pages can
+        go."""
         self.log.start()        # before anyone says which pages are free
-        asked: dict = {}
-
-        def ask():
-            try:
-                asked["free"] = self._free_bitmap()
-            except BaseException as e:      # handed to the migration's thread
-                asked["error"] = e
-        t = threading.Thread(target=ask, name="hv-migrate-free-pages", daemon=True)
-        t.start()
+        asking = FreePages(self._free_bitmap)
         self._connect()         # a failure here does not wait for the guest
-        t.join()
-        if "error" in asked:
-            raise asked["error"]
         self.s.setup_ms = round((time.monotonic() - self._t0) * 1000, 3)
-        return asked["free"]
+        return asking
 
-    def _bulk_pass(self, free: np.ndarray | None) -> np.ndarray:
-        """Round 0: every page but the free ones; returns the pages skipped
-        as free."""
-        p = self.p
+    def _send_resident(self, asking: "FreePages", rnd: dict) -> np.ndarray:
+        """While the guest still builds its bitmap: the pages it never frees
+        (its kernel image), a chunk at a time; returns those sent."""
+        sent = pages.empty_bitmap(self.npages)
         full = self.memory.ram_bitmap()
-        skipped_free = pages.empty_bitmap(self.npages)
-        poison = self._poison()
+        for start, length in self.machine.resident_ranges():
+            first = start // PAGE_SIZE
+            end = min(self.npages, -(-(start + length) // PAGE_SIZE))
+            for s in range(first, end, RESIDENT_CHUNK_PAGES):
+                if asking.done:
+                    return sent
+                self._check_cancel()
+                part = pages.empty_bitmap(self.npages)
+                pages.set_range(part, s, min(RESIDENT_CHUNK_PAGES, end - s))
+                part &= full
+                self._send_set(part, rnd)
+                pages.or_into(sent, part)
+                with self._lock:
+                    self.s.pages_sent_before_bitmap += pages.count(part)
+        return sent
+
+    def _bulk_pass(self, asking: "FreePages") -> np.ndarray:
+        """Round 0: every page but the free ones (the guest's kernel image
+        first, while its bitmap is coming); returns the pages skipped as
+        free."""
+        p = self.p
         rnd = self._new_round(0)
         t0 = time.monotonic()
+        early = self._send_resident(asking, rnd)
+        free = asking.result()
+        full, _ = pages.andnot(self.memory.ram_bitmap(), early)
+        skipped_free = pages.empty_bitmap(self.npages)
+        poison = self._poison()
         chunk_words = CHUNK_PAGES // 64
         nwords = len(full)
         for w0 in range(0, nwords, chunk_words):
@@ -752,11 +797,11 @@ class Migration:
     def _migrate(self) -> None:
         p = self.p
         self._bw = 0.0
-        free = self._setup()
+        asking = self._setup()
         self._masks = self._channel_masks()
         self._check_cancel()
         self._set_status("active")
-        skipped_free = self._bulk_pass(free)
+        skipped_free = self._bulk_pass(asking)
 
         # Dirty rounds until the rest fits the downtime (then the final phase,
         # which rolls back to another round when, paused, it does not fit).

@@ -365,6 +365,12 @@ class Machine:
         self.boot_result = result
         return result
 
+    def resident_ranges(self) -> list[tuple[int, int]]:
+        """Guest physical (start, length) ranges that hold what the guest
+        keeps for good: the kernel image hv loaded (BootResult.resident); []
+        for a machine that did not boot here (migrated in, restored)."""
+        return list(self.boot_result.resident) if self.boot_result is not None else []
+
     # -- the vCPU loop ------------------------------------------------------------------------
     @property
     def status(self) -> str:
