@@ -43,7 +43,8 @@ from .config import (DIRTY_RING_MIN_BYTES, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, 
                      MIN_MEM_MIB, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE,
                      VIRTIO_MMIO_SIZE, MachineConfig, balloon_kwargs, base_cmdline,
                      check_dirty_ring_size, max_mem_mib)
-from .runstate import (MIGRATION_HOLDS_MESSAGE, PAUSE_MIGRATION, PAUSE_USER,
+from .runstate import (MIGRATION_HOLDS_MESSAGE, PAUSE_MIGRATION, PAUSE_POSTCOPY,
+                       POSTCOPY_HOLDS_MESSAGE, PAUSE_USER,
                        POSTMIGRATE_MESSAGE, STATUS_PAUSED, STATUS_POSTMIGRATE,
                        STATUS_PRELAUNCH, STATUS_RUNNING, STATUS_SHUTDOWN, MachineError)
 from .vcpu import IO_EXITS, describe_failure, handle_exit, on_parked, set_lint
@@ -747,6 +748,8 @@ class Machine:
             raise MachineError(POSTMIGRATE_MESSAGE)
         if PAUSE_MIGRATION in self.pause_holders:
             raise MachineError(MIGRATION_HOLDS_MESSAGE)
+        if PAUSE_POSTCOPY in self.pause_holders:
+            raise MachineError(POSTCOPY_HOLDS_MESSAGE)
         self.resume(PAUSE_USER)
         return {}
 
