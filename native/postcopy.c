@@ -93,6 +93,12 @@ int hv_uffd_unregister(int uffd, uint8_t *addr, uint64_t len)
     return ioctl(uffd, UFFDIO_UNREGISTER, &r) < 0 ? -errno : 0;
 }
 
+int hv_uffd_wake(int uffd, uint8_t *addr, uint64_t len)
+{
+    struct uffdio_range r = { .start = (uint64_t)(uintptr_t)addr, .len = len };
+    return ioctl(uffd, UFFDIO_WAKE, &r) < 0 ? -errno : 0;
+}
+
 int hv_discard_ranges(uint8_t *mem, size_t page_size, const uint64_t *starts,
                       const uint64_t *counts, size_t nruns)
 {

@@ -73,6 +73,10 @@ int hv_uffd_open(void);
  * not offer UFFDIO_COPY and UFFDIO_ZEROPAGE. */
 int hv_uffd_register(int uffd, uint8_t *addr, uint64_t len);
 int hv_uffd_unregister(int uffd, uint8_t *addr, uint64_t len);
+/* Wake the threads waiting on a fault in [addr, addr+len) without placing
+ * anything: each retries its access (and faults again if the page is
+ * still missing; a vCPU with a signal pending leaves KVM_RUN first). */
+int hv_uffd_wake(int uffd, uint8_t *addr, uint64_t len);
 /* Drop the pages of the ranges (MADV_DONTNEED): registered, they are
  * missing afterwards and fault to the uffd. 0 or -errno. */
 int hv_discard_ranges(uint8_t *mem, size_t page_size, const uint64_t *starts,

@@ -25,7 +25,8 @@ def migrate_over_loopback(src, dst, restore=None, timeout: float = 30, prefault=
         try:
             res["rx"] = receive(dst.memory, lst, restore or dst.restore_state, dst.start,
                                 timeout=timeout, prefault=faulting,
-                                pause=lambda: dst.pause(PAUSE_POSTCOPY))
+                                pause=lambda: dst.pause(PAUSE_POSTCOPY, timeout=1.0,
+                                                         keep=True))
         except Exception as e:
             res["error"] = e
         finally:

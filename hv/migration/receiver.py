@@ -729,7 +729,8 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
                      accept_timeout=accept_timeout, require_verify=require_verify, log=log,
                      should_stop=lambda: machine.status == "shutdown",
                      prefault=prefaulter, on_receiving=on_receiving, tls=tls,
-                     pause=lambda: machine.pause(PAUSE_POSTCOPY), on_postcopy=on_postcopy)
+                     pause=lambda: machine.pause(PAUSE_POSTCOPY, timeout=1.0, keep=True),
+                     on_postcopy=on_postcopy)
     finally:
         listener.close()
         if prefaulter is not None:
