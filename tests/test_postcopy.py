@@ -10,10 +10,8 @@ import io
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
-import time
 
 import numpy as np
 import pytest

@@ -47,6 +47,7 @@ vm.unprivileged_userfaultfd=1).
 from __future__ import annotations
 
 import collections
+import errno
 import os
 import select
 import threading
@@ -65,8 +66,7 @@ class PostcopyFailed(MigrationError):
     """The migration failed after the guest resumed on the destination."""
 
 
-def _u64p(a: np.ndarray):
-    return pages._u64p(a)
+_u64p = pages._u64p
 
 
 def _check(r: int, what: str) -> int:
@@ -218,13 +218,13 @@ class PageServer:
         r = lib.hv_postcopy_serve(self.pc)
         if r == 0:
             return parse_header(bytes(ffi.buffer(self.pc.header)))
-        if r == -_EPROTO:
+        if r == -errno.EPROTO:
             raise ProtocolError(f"postcopy: {ffi.string(self.pc.error).decode()}")
-        if r == -_ECONNRESET:
+        if r == -errno.ECONNRESET:
             raise MigrationError("postcopy: the connection to the source was lost")
-        if r == -_ETIMEDOUT:
+        if r == -errno.ETIMEDOUT:
             raise MigrationError("postcopy: the source sent nothing within the timeout")
-        if r == -_ECANCELED:
+        if r == -errno.ECANCELED:
             raise MigrationError("postcopy: stopped")
         raise MigrationError(f"postcopy: serving page faults failed: {os.strerror(-r)}")
 
@@ -304,12 +304,6 @@ class PageServer:
             os.close(fd)
         if not self.registered:
             os.close(self.uffd)
-
-
-import errno as _errno  # noqa: E402
-
-_EPROTO, _ECONNRESET, _ETIMEDOUT, _ECANCELED = (_errno.EPROTO, _errno.ECONNRESET,
-                                                _errno.ETIMEDOUT, _errno.ECANCELED)
 
 
 # ------------------------------------------------------------------ source
