@@ -11,8 +11,12 @@ hv.qmp). A script written for QEMU drives hv unchanged:
 hv's own settings and figures are downstream extensions named with the
 prefix PREFIX, as qmp-spec.rst prescribes (__RFQDN_name): migrate-set-
 parameters takes __io.github.hv_free-pages (bitmap|hint|off), _verify,
-_dirty-log, _max-rounds, _downtime-strategy and _hint-wait-ms; query-migrate adds hv's
-figures (pages skipped as free or zero, the rounds); the console, the vCPU
+_dirty-log, _max-rounds, _downtime-strategy, _hint-wait-ms and
+_postcopy-after-rounds (with the capability postcopy-ram: switch to
+postcopy by itself after that many dirty rounds; -1, the default: only at
+migrate-start-postcopy, as QEMU); query-migrate adds hv's
+figures (pages skipped as free or zero, the rounds; in postcopy the pages
+requested and pushed, the destination's faults and their latency); the console, the vCPU
 exit counts and the free page bitmap are prefixed commands. A client that
 knows none of them gets hv's defaults.
 
@@ -63,7 +67,7 @@ SHUTDOWN_CAUSES = {
 
 #: QEMU's capabilities that hv has, with their defaults
 CAPABILITIES = {"events": False, "multifd": False, "auto-converge": False,
-                "dirty-limit": False}
+                "dirty-limit": False, "postcopy-ram": False}
 
 #: migrate-set-parameters member -> the MigrationParams field it sets
 PARAMETER_FIELDS = {
@@ -85,6 +89,7 @@ PARAMETER_FIELDS = {
     "multifd-compression": "compression",
     "multifd-zstd-level": "compression_level",
     "vcpu-dirty-limit": "vcpu_dirty_limit",
+    PREFIX + "postcopy-after-rounds": "postcopy_after_rounds",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
@@ -93,6 +98,7 @@ PARAMETER_TYPES = {
     PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
     "cpu-throttle-initial": "int", "cpu-throttle-increment": "int", "max-cpu-throttle": "int",
     "multifd-compression": "str", "multifd-zstd-level": "int", "vcpu-dirty-limit": "int",
+    PREFIX + "postcopy-after-rounds": "int",
     "tls-creds": "str", "tls-hostname": "str", "tls-authz": "str",
     PREFIX + "tls-authz-names": "list",
 }
@@ -121,6 +127,7 @@ def _defaults() -> dict:
         "multifd-compression": d.compression,
         "multifd-zstd-level": d.compression_level,
         "vcpu-dirty-limit": d.vcpu_dirty_limit,
+        PREFIX + "postcopy-after-rounds": d.postcopy_after_rounds,
         "tls-creds": "", "tls-hostname": "", "tls-authz": "",
     }
 
@@ -197,6 +204,7 @@ class QemuMonitor:
             "migrate-incoming": Command(self.migrate_incoming,
                                         {"*uri": "str", "*channels": "list"}),
             "migrate_cancel": Command(self.migrate_cancel),
+            "migrate-start-postcopy": Command(self.migrate_start_postcopy),
             "migrate-set-parameters": Command(self.set_parameters,
                                               {"*" + k: v for k, v in PARAMETER_TYPES.items()}),
             "query-migrate-parameters": Command(self.query_parameters),
@@ -357,6 +365,7 @@ class QemuMonitor:
         args.setdefault("free_pages", self._default_free_pages())
         args["auto_converge"] = bool(capabilities.get("auto-converge"))
         args["dirty_limit"] = bool(capabilities.get("dirty-limit"))
+        args["postcopy"] = bool(capabilities.get("postcopy-ram"))
         return args
 
     @staticmethod
@@ -474,6 +483,21 @@ class QemuMonitor:
             cur.cancel()
         return {}
 
+    def migrate_start_postcopy(self, args: dict) -> dict:
+        """Switch the running migration to postcopy at the end of its current
+        pass (QEMU's command; the capability postcopy-ram must be on)."""
+        cur = self.migrations.current
+        if cur is None or cur.finished:
+            if not self.capabilities.get("postcopy-ram"):
+                raise QmpError("Enable postcopy with migrate_set_capability before the start "
+                               "of migration")
+            raise QmpError("Postcopy must be started after migration has been started")
+        try:
+            cur.start_postcopy()
+        except MigrationError as e:
+            raise QmpError(str(e)) from None
+        return {}
+
     def query_migrate(self, args: dict) -> dict:
         if self._file_save is not None:
             return dict(self._file_save)
@@ -500,14 +524,14 @@ class QemuMonitor:
             "dirty-pages-rate": self._dirty_rate(rounds),
             "mbps": round(q.get("throughput_mib_s", 0.0) * MIB * 8 / 1e6, 3),
             "dirty-sync-count": int(q.get("dirty_syncs") or 0),
-            "postcopy-requests": 0,
+            "postcopy-requests": int(q.get("postcopy_requests") or 0),
             "page-size": PAGE_SIZE,
             "multifd-bytes": int(q["bytes_sent"]) if migration.p.connections > 1 else 0,
             "pages-per-second": int(q["pages_sent"] / total_s),
             "precopy-bytes": sum(int(r.get("bytes", 0)) for r in rounds
                                  if not r.get("final")),
             "downtime-bytes": sum(int(r.get("bytes", 0)) for r in rounds if r.get("final")),
-            "postcopy-bytes": 0,
+            "postcopy-bytes": int(q.get("postcopy_bytes") or 0),
             "dirty-sync-missed-zero-copy": 0,
         }
         info: dict = {"status": status}
@@ -517,7 +541,7 @@ class QemuMonitor:
         info["setup-time"] = _ms(q.get("setup_ms"))
         if status in ("active", "device") and q.get("expected_downtime_ms") is not None:
             info["expected-downtime"] = _ms(q["expected_downtime_ms"])
-        if status == "completed" and q.get("downtime_ms") is not None:
+        if (status == "completed" or q.get("postcopy")) and q.get("downtime_ms") is not None:
             info["downtime"] = _ms(q["downtime_ms"])
         if q.get("error") and status in ("failed", "cancelled"):
             info["error-desc"] = q["error"]
@@ -542,6 +566,8 @@ class QemuMonitor:
             "pages-sent-before-bitmap": q.get("pages_sent_before_bitmap") or None,
             "warning": q.get("warning"),
         }
+        if q.get("postcopy"):
+            extra.update(_postcopy_figures(q))
         info.update({PREFIX + k: v for k, v in extra.items() if v is not None})
         return info
 
@@ -573,7 +599,7 @@ class QemuMonitor:
                 "dirty-pages-rate": 0,
                 "mbps": 0.0,
                 "dirty-sync-count": 0,
-                "postcopy-requests": 0,
+                "postcopy-requests": int((inc.postcopy_stats() or {}).get("requests", 0)),
                 "page-size": PAGE_SIZE,
                 "multifd-bytes": 0,
                 "pages-per-second": 0,
@@ -585,6 +611,11 @@ class QemuMonitor:
             info[PREFIX + "pages-free"] = int(s["free_pages"])
             info[PREFIX + "pages-filled"] = int(s["fill_pages"])
             info[PREFIX + "pages-received"] = int(received)
+            pc = inc.postcopy_stats()
+            if pc is not None:
+                info["ram"]["postcopy-bytes"] = int(pc["bytes"])
+                info.update({PREFIX + "postcopy-" + k.replace("_", "-"): v
+                             for k, v in pc.items()})
         if inc.started_at is not None:
             info["total-time"] = int((now - inc.started_at) * 1000)
         if inc.error and status == "failed":
@@ -633,6 +664,21 @@ class QemuMonitor:
             return self.machine.commands["console-input"](hv_args)
         except MachineError as e:
             raise QmpError(str(e).replace("'timeout_s'", "'timeout'")) from None
+
+
+def _postcopy_figures(q: dict) -> dict:
+    """hv's postcopy figures of a source's statistics (query-migrate names)."""
+    return {
+        "postcopy-pages": q.get("postcopy_pages"),
+        "postcopy-pages-requested": q.get("postcopy_pages_requested"),
+        "postcopy-pages-pushed": q.get("postcopy_pages_pushed"),
+        "postcopy-faults": q.get("postcopy_faults"),
+        "postcopy-fault-latency-mean-ms": q.get("fault_latency_ms_mean"),
+        "postcopy-fault-latency-max-ms": q.get("fault_latency_ms_max"),
+        "postcopy-service-ms-mean": q.get("postcopy_service_ms_mean"),
+        "postcopy-service-ms-max": q.get("postcopy_service_ms_max"),
+        "postcopy-ms": q.get("postcopy_ms"),
+    }
 
 
 def serve(path: str, machine) -> QmpServer:

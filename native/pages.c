@@ -84,6 +84,34 @@ void hv_bitmap_set_range(uint64_t *bm, uint64_t start, uint64_t count)
     }
 }
 
+static void clear_range(uint64_t *bm, uint64_t start, uint64_t count)
+{
+    uint64_t p = start, end = start + count;
+    while (p < end && (p % 64)) {
+        bm[p / 64] &= ~(1ull << (p % 64));
+        p++;
+    }
+    while (p + 64 <= end) {
+        bm[p / 64] = 0;
+        p += 64;
+    }
+    while (p < end) {
+        bm[p / 64] &= ~(1ull << (p % 64));
+        p++;
+    }
+}
+
+void hv_bitmap_assign_ranges(uint64_t *bm, const uint64_t *starts, const uint64_t *counts,
+                             size_t nruns, int value)
+{
+    for (size_t i = 0; i < nruns; i++) {
+        if (value)
+            hv_bitmap_set_range(bm, starts[i], counts[i]);
+        else
+            clear_range(bm, starts[i], counts[i]);
+    }
+}
+
 /* First bit >= p whose value is `want`, or npages. */
 static uint64_t next_bit(const uint64_t *bm, uint64_t p, uint64_t npages, int want)
 {
@@ -163,6 +191,39 @@ uint64_t hv_classify_pages(const uint8_t *mem, size_t page_size, const uint64_t 
         }
         data_out[w] = data;
         zero_out[w] = zero;
+    }
+    return zeros;
+}
+
+static int add_run(uint64_t *s, uint64_t *c, size_t *n, size_t room, uint64_t pfn)
+{
+    if (*n && s[*n - 1] + c[*n - 1] == pfn) {
+        c[*n - 1]++;
+        return 0;
+    }
+    if (*n >= room)
+        return -ENOSPC;
+    s[*n] = pfn;
+    c[*n] = 1;
+    (*n)++;
+    return 0;
+}
+
+int64_t hv_split_zero_runs(const uint8_t *mem, size_t page_size, const uint64_t *starts,
+                           const uint64_t *counts, size_t nruns, uint64_t *zs, uint64_t *zc,
+                           size_t *nzero, uint64_t *ds, uint64_t *dc, size_t *ndata,
+                           size_t room)
+{
+    int64_t zeros = 0;
+    *nzero = *ndata = 0;
+    for (size_t i = 0; i < nruns; i++) {
+        for (uint64_t p = starts[i]; p < starts[i] + counts[i]; p++) {
+            int z = hv_page_is_zero(mem + p * page_size, page_size);
+            int e = z ? add_run(zs, zc, nzero, room, p) : add_run(ds, dc, ndata, room, p);
+            if (e)
+                return e;
+            zeros += z;
+        }
     }
     return zeros;
 }

@@ -32,6 +32,9 @@ uint64_t hv_bitmap_count(const uint64_t *bm, size_t nwords);
 void hv_bitmap_trim(uint64_t *bm, size_t npages);
 /* Set bits [start, start+count). */
 void hv_bitmap_set_range(uint64_t *bm, uint64_t start, uint64_t count);
+/* Set (value 1) or clear (value 0) the bits of every range. */
+void hv_bitmap_assign_ranges(uint64_t *bm, const uint64_t *starts, const uint64_t *counts,
+                             size_t nruns, int value);
 
 /* Scan bitmap bits [*pos, npages) into runs of set bits, each at most
  * max_len pages long (0 = unlimited), until max_runs runs are found.
@@ -49,6 +52,14 @@ int hv_page_is_zero(const uint8_t *p, size_t page_size);
  * Returns the number of zero pages. */
 uint64_t hv_classify_pages(const uint8_t *mem, size_t page_size, const uint64_t *bm,
                            size_t npages, uint64_t *data_out, uint64_t *zero_out);
+/* Split the pages of the ranges, in order, into runs of zero pages
+ * (zs, zc: *nzero runs) and runs of pages with data (ds, dc: *ndata runs);
+ * each output has room for `room` runs (the pages of the ranges always
+ * fit). Returns the number of zero pages, or -ENOSPC. */
+int64_t hv_split_zero_runs(const uint8_t *mem, size_t page_size, const uint64_t *starts,
+                           const uint64_t *counts, size_t nruns, uint64_t *zs, uint64_t *zc,
+                           size_t *nzero, uint64_t *ds, uint64_t *dc, size_t *ndata,
+                           size_t room);
 /* Fill the ranges with a 32-bit pattern repeated (little-endian). With
  * pattern 0 and discard set, the pages are dropped with MADV_DONTNEED
  * instead (they read as zero, and a fresh destination stays unallocated).

@@ -110,9 +110,9 @@ def test_bad_parameters_are_named_as_qmp_names_them(monitor):
         run(cmds, "migrate-set-parameters", {"compress-level": 1})
     with pytest.raises(QmpError, match="'max-bandwidth', expected: integer"):
         run(cmds, "migrate-set-parameters", {"max-bandwidth": "fast"})
-    with pytest.raises(QmpError, match="postcopy-ram"):
+    with pytest.raises(QmpError, match="rdma-pin-all"):      # QEMU's, not hv's
         run(cmds, "migrate-set-capabilities", {"capabilities": [
-            {"capability": "postcopy-ram", "state": True}]})
+            {"capability": "rdma-pin-all", "state": True}]})
     assert run(cmds, "query-migrate-parameters")["downtime-limit"] != 0   # nothing kept
     assert run(cmds, "migrate_cancel") == {}           # nothing runs: fine
 
@@ -170,3 +170,37 @@ def test_balloon_value_is_what_the_guest_keeps(monitor):
     assert run(cmds, "query-balloon") == {"actual": 48 << 20}
     mon._on_balloon(16 * 256)
     assert events[-1] == ("BALLOON_CHANGE", {"actual": 48 << 20})
+
+
+def test_postcopy_is_qemus_capability_and_command_with_hvs_rounds(monitor):
+    mon, cmds, machine, _ = monitor
+    assert run(cmds, "query-migrate-parameters")[PREFIX + "postcopy-after-rounds"] == -1
+    p = MigrationParams.from_args(mon._hv_args(mon.parameters, mon.capabilities, "tcp:h:1"))
+    assert not p.postcopy and p.postcopy_after_rounds == -1
+    with pytest.raises(QmpError, match="Enable postcopy with migrate_set_capability"):
+        run(cmds, "migrate-start-postcopy")
+    run(cmds, "migrate-set-capabilities", {"capabilities": [
+        {"capability": "postcopy-ram", "state": True}]})
+    run(cmds, "migrate-set-parameters", {PREFIX + "postcopy-after-rounds": 2})
+    p = MigrationParams.from_args(mon._hv_args(mon.parameters, mon.capabilities, "tcp:h:1"))
+    assert p.postcopy and p.postcopy_after_rounds == 2
+    with pytest.raises(QmpError, match="after migration has been started"):
+        run(cmds, "migrate-start-postcopy")
+    with pytest.raises(QmpError, match="postcopy-after-rounds"):
+        run(cmds, "migrate-set-parameters", {PREFIX + "postcopy-after-rounds": -2})
+
+
+def test_postcopy_figures_in_query_migrate(monitor):
+    mon, cmds, machine, _ = monitor
+    q = {"status": "postcopy-active", "bytes_sent": 1 << 20, "pages_total": 16384,
+         "pages_skipped_zero": 0, "pages_sent": 100, "rounds": [], "postcopy": True,
+         "postcopy_pages": 300, "postcopy_requests": 7, "postcopy_pages_requested": 9,
+         "postcopy_pages_pushed": 200, "postcopy_bytes": 4096 * 209, "downtime_ms": 12.4,
+         "fault_latency_ms_mean": None, "fault_latency_ms_max": None,
+         "postcopy_service_ms_mean": 0.5, "postcopy_service_ms_max": 2.0}
+    info = mon._outgoing_info(q, SimpleNamespace(p=MigrationParams(uri="tcp:h:1")))
+    assert info["status"] == "postcopy-active" and info["downtime"] == 12
+    assert info["ram"]["postcopy-requests"] == 7 and info["ram"]["postcopy-bytes"] == 4096 * 209
+    assert info[PREFIX + "postcopy-pages-pushed"] == 200
+    assert info[PREFIX + "postcopy-pages-requested"] == 9
+    assert PREFIX + "postcopy-fault-latency-max-ms" not in info    # DONE has not come

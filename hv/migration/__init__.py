@@ -4,6 +4,8 @@
     hv.migration.pages      numpy wrappers over hv._pages (the per-page loops)
     hv.migration.sender     Migration: the source side, in a thread
     hv.migration.receiver   incoming(machine, uri): the destination side
+    hv.migration.postcopy   the switch, the destination's userfaultfd page
+                            server and the source's push after it
     hv.migration.commands   install(machine): migrate, query-migrate, migrate-cancel
 """
 

@@ -12,16 +12,20 @@
 Every machine gets the migration commands. With --incoming the machine is
 not booted: it waits for a migration, restores the guest it receives and
 runs it. A malformed stream or a dropped connection ends run-guest with a
-one-line error and a non-zero status; nothing runs.
+one-line error and a non-zero status; nothing runs. Except in postcopy after
+the switch: the guest is here then, and a failure leaves it paused
+(postcopy-paused) until quit.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 from .commands import install
 from .incoming import IncomingMigration
+from .postcopy import PostcopyFailed
 from .protocol import MigrationError
 
 
@@ -115,5 +119,9 @@ def setup(args, machine) -> bool:
                                  "arrives there")
         inc.defer()
     else:
-        inc.run(uri)
+        try:
+            inc.run(uri)
+        except PostcopyFailed as e:
+            # the guest runs here since the switch: keep it, paused, until quit
+            print(f"hv: {e}", file=sys.stderr, flush=True)
     return True

@@ -11,6 +11,8 @@
                    the migration thread and returns {} at once
     query-migrate  the statistics (status "none" before any migration)
     migrate-cancel stops a running migration; the guest keeps running here
+    migrate-start-postcopy  switches a migration started with "postcopy": true
+                   to postcopy at the end of its current pass
 
 listeners (fn(event, data)) are attached to every migration started here.
 """
@@ -48,6 +50,13 @@ class MigrationCommands:
             return {"status": "none"}
         return m.query()
 
+    def start_postcopy(self, args: dict | None = None):
+        m = self.current
+        if m is None or m.finished:
+            raise MigrationError("Postcopy must be started after migration has been started")
+        m.start_postcopy()
+        return {}
+
     def cancel(self, args: dict | None = None):
         m = self.current
         if m is None or m.finished:
@@ -61,5 +70,6 @@ def install(machine) -> MigrationCommands:
     machine.commands["migrate"] = cmds.migrate
     machine.commands["query-migrate"] = cmds.query
     machine.commands["migrate-cancel"] = cmds.cancel
+    machine.commands["migrate-start-postcopy"] = cmds.start_postcopy
     machine.migration_commands = cmds
     return cmds

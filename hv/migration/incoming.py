@@ -11,15 +11,20 @@ reports MIGRATION events.
 
 run() and start() call hv.migration.receiver.incoming(); when a deferred
 migration fails, the machine ends with machine.error set (QEMU's destination
-exits when the incoming migration fails).
+exits when the incoming migration fails). A postcopy migration runs the
+guest here from the switch on (status postcopy-active); when it fails after
+that, the guest is kept, paused, and the status is postcopy-paused (QEMU's):
+run() raises PostcopyFailed, and nothing ends the machine.
 """
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 
 from . import snapshot
+from .postcopy import PostcopyFailed
 from .protocol import MigrationError
 from .receiver import incoming
 from .transport import parse_uri
@@ -38,7 +43,8 @@ class IncomingMigration:
                             require_verify=require_verify, prefault=prefault, verbose=verbose,
                             tls=tls)
         #: none (no incoming migration), deferred (waiting for a URI), then
-        #: QEMU's MigrationStatus: setup, active, completed, failed
+        #: QEMU's MigrationStatus: setup, active, postcopy-active, completed,
+        #: failed, postcopy-paused
         self.status = "none"
         self.error: str | None = None
         self.receiver = None
@@ -80,6 +86,17 @@ class IncomingMigration:
         self.active_at = time.monotonic()
         self._set_status("active")
 
+    def _on_postcopy(self, rx) -> None:
+        self._set_status("postcopy-active")
+
+    def postcopy_stats(self) -> dict | None:
+        """The page server's figures (faults, requests, latency) once it runs."""
+        rx = self.receiver
+        if self.result is not None:
+            return self.result.get("postcopy")
+        server = getattr(rx, "server", None)
+        return server.stats() if server is not None else None
+
     def stats(self) -> dict:
         """Page counts received so far, over every connection."""
         rx = self.receiver
@@ -114,11 +131,12 @@ class IncomingMigration:
                                                verify=self.options["require_verify"])
             else:
                 self.result = incoming(self.machine, uri, on_listening=on_listening,
-                                       on_receiving=self._on_receiving, **self.options)
+                                       on_receiving=self._on_receiving,
+                                       on_postcopy=self._on_postcopy, **self.options)
         except Exception as e:
             self.error = str(e) or type(e).__name__
             self.ended_at = time.monotonic()
-            self._set_status("failed")
+            self._set_status("postcopy-paused" if isinstance(e, PostcopyFailed) else "failed")
             raise
         self.ended_at = time.monotonic()
         self._set_status("completed")
@@ -153,6 +171,9 @@ class IncomingMigration:
         def work():
             try:
                 self.run(uri, on_listening=lambda host, port: listening.set())
+            except PostcopyFailed as e:
+                # the guest is here, paused: keep it (postcopy-paused)
+                print(f"hv: {e}", file=sys.stderr, flush=True)
             except Exception as e:
                 if not listening.is_set():
                     failure.append(str(e))

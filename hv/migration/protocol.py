@@ -29,7 +29,16 @@ Commands and their payloads:
     FREE    12  range table (the source skipped these pages as free: their
                 content is undefined, the destination discards its copy so
                 that they cost it no memory; no data)
-    MEMORY_ZSTD 13  range table, then one zstd frame that decompresses to
+    POSTCOPY 13 range table, possibly empty: the switch to postcopy. The
+                source is paused; these pages are not valid on the
+                destination (dirtied since they were sent, or never sent)
+                and will come after the guest resumes there
+    REQUEST 14  range table (destination -> source, the return path): the
+                guest faulted on these pages; send them ahead of the rest
+    DONE    15  faults u64, latency sum ns u64, latency max ns u64, latency
+                count u64 (destination -> source): every page is in place,
+                the source may let its copy of the guest go
+    MEMORY_ZSTD 16  range table, then one zstd frame that decompresses to
                 exactly the pages' data in table order (compression zstd or
                 auto; the frame is at most pages.zstd_bound() of that size,
                 and a frame that is not valid or not exactly that long is
@@ -68,6 +77,26 @@ Message sequence (one connection; `connections: N` opens N, see below):
     RUNNING; the destination then resumes nothing and exits non-zero, the
     source resumes its guest.
 
+Postcopy (FEATURE_POSTCOPY in HELLO; hv.migration.postcopy): instead of
+the final pause's last pages, the source sends, paused,
+
+      |-- POSTCOPY (pages to fetch) ------>|  registers RAM with userfaultfd,
+      |-- STATE -------------------------->|  drops the pages to fetch, places
+      |-- COMPLETE ----------------------->|  free and zero pages, restores,
+      |<--------------------- RUNNING -----|  resumes: the guest runs there
+      |<-------------- REQUEST (faults) ---|  a fault asks for its page;
+      |-- MEMORY / ZERO (asked first) ---->|  the rest follows in the
+      |-- MEMORY / ZERO (background) ----->|  background
+      |-- VERIFY (optional) -------------->|  hashes of every page
+      |-- COMPLETE ----------------------->|  everything was sent
+      |<------------------------ DONE -----|  every page placed: the source
+      |   (source stops: "completed")      |  may drop its copy
+
+    After RUNNING the guest runs on the destination and the source never
+    resumes it: a failure then leaves the source paused, keeping the memory,
+    and pauses the destination's guest (postcopy-paused); neither side runs
+    the guest with a page missing.
+
 With N connections, connection 0 carries the sequence above; connections
 1..N-1 each send HELLO (channel i, same session) and get ACK, then carry
 only FREE / ZERO / FILL / MEMORY and end with COMPLETE. A page always travels on
@@ -82,10 +111,16 @@ naming what was expected):
       WAIT_HELLO --HELLO--> MEMORY --MEMORY[_ZSTD]|ZERO|FILL|FREE--> MEMORY
                               |
                               +--STATE--> STATE --VERIFY--> STATE
-                                            |
-                                            +--COMPLETE--> COMPLETE
-                                                  (restore, resume,
-                                                   send RUNNING)
+                              |             |
+                              |             +--COMPLETE--> COMPLETE
+                              |                   (restore, resume,
+                              |                    send RUNNING)
+                              +--POSTCOPY--> POSTCOPY --STATE--> POSTCOPY
+                                               |
+                                               +--COMPLETE--> POSTCOPY_ACTIVE
+                                                    (resume; pages are served
+                                                     by the fault loop)
+      POSTCOPY_ACTIVE --VERIFY--> POSTCOPY_ACTIVE --COMPLETE--> COMPLETE (DONE)
       any state but COMPLETE --CANCEL|ERROR--> FAILED
       secondary connection: WAIT_HELLO --HELLO--> MEMORY --COMPLETE--> COMPLETE
 """
@@ -109,14 +144,17 @@ HEADER_SIZE = HEADER.size  # 24
 HELLO = struct.Struct("<IHHQQQ")
 TABLE_HEAD = struct.Struct("<II")
 ACK = struct.Struct("<H6x")
+DONE = struct.Struct("<QQQQ")
 
 # Features announced in HELLO.
 FEATURE_ZERO = 1 << 0
 FEATURE_FILL = 1 << 1
 FEATURE_VERIFY = 1 << 2
 FEATURE_CHANNELS = 1 << 3
-FEATURE_ZSTD = 1 << 4           # the source may send MEMORY_ZSTD
-FEATURES = FEATURE_ZERO | FEATURE_FILL | FEATURE_VERIFY | FEATURE_CHANNELS | FEATURE_ZSTD
+FEATURE_POSTCOPY = 1 << 4       # the destination tracks what it holds for a switch
+FEATURE_ZSTD = 1 << 5           # the source may send MEMORY_ZSTD
+FEATURES = (FEATURE_ZERO | FEATURE_FILL | FEATURE_VERIFY | FEATURE_CHANNELS | FEATURE_POSTCOPY
+            | FEATURE_ZSTD)
 
 # Limits that keep a malformed header from making the receiver allocate
 # without bound (see also state_limit()).
@@ -139,7 +177,10 @@ class Command(enum.IntEnum):
     ERROR = 10
     CANCEL = 11
     FREE = 12
-    MEMORY_ZSTD = 13
+    POSTCOPY = 13
+    REQUEST = 14
+    DONE = 15
+    MEMORY_ZSTD = 16
 
 
 class MigrationError(HvError):
@@ -227,11 +268,11 @@ def _u64(a) -> np.ndarray:
 
 @dataclass
 class Ranges:
-    """MEMORY, MEMORY_ZSTD, ZERO, FILL, FREE and VERIFY: a range table (and,
-    for MEMORY, the pages' data; for MEMORY_ZSTD, their zstd frame in `data`;
-    for VERIFY, one hash per page). `data` of MEMORY is used by in-memory
-    streams and tests; the socket path moves page data straight from/to
-    guest memory."""
+    """MEMORY, MEMORY_ZSTD, ZERO, FILL, FREE, VERIFY, POSTCOPY and REQUEST: a
+    range table (and, for MEMORY, the pages' data; for MEMORY_ZSTD, their
+    zstd frame in `data`; for VERIFY, one hash per page). `data` of MEMORY is
+    used by in-memory streams and tests; the socket path moves page data
+    straight from/to guest memory."""
     command: Command
     starts: np.ndarray
     counts: np.ndarray
@@ -274,9 +315,11 @@ class Ranges:
 
 
 RANGE_COMMANDS = (Command.MEMORY, Command.MEMORY_ZSTD, Command.ZERO, Command.FILL,
-                  Command.FREE, Command.VERIFY)
+                  Command.FREE, Command.VERIFY, Command.POSTCOPY, Command.REQUEST)
 #: the commands whose pages land in guest memory (recv_body's mem)
 DATA_COMMANDS = (Command.MEMORY, Command.MEMORY_ZSTD)
+#: range messages whose table may be empty
+EMPTY_TABLE_OK = (Command.POSTCOPY,)
 
 
 def max_ranges(npages: int) -> int:
@@ -298,9 +341,10 @@ def parse_table(command: Command, head: bytes, npages: int = 1 << 52) -> tuple[i
     if len(head) != TABLE_HEAD.size:
         raise ProtocolError(f"{command.name}: truncated range table")
     n, pattern = TABLE_HEAD.unpack(head)
-    if n == 0 or n > max_ranges(npages):
+    least = 0 if command in EMPTY_TABLE_OK else 1
+    if n < least or n > max_ranges(npages):
         raise ProtocolError(f"{command.name}: range table of {n} entries "
-                            f"(expected 1..{max_ranges(npages)})")
+                            f"(expected {least}..{max_ranges(npages)})")
     if pattern and command != Command.FILL:
         raise ProtocolError(f"{command.name}: pattern field must be 0")
     return n, pattern
@@ -343,7 +387,7 @@ def parse_ranges(command: Command, raw: bytes, npages: int,
 
 @dataclass
 class Control:
-    """COMPLETE, RUNNING, ERROR, CANCEL, ACK and STATE (payload as bytes)."""
+    """COMPLETE, RUNNING, ERROR, CANCEL, ACK, DONE and STATE (payload as bytes)."""
     command: Command
     payload: bytes = b""
 
@@ -377,8 +421,9 @@ def check_control(h: Header, mem_size: int = 1 << 64) -> None:
     """Payload length limits of the commands that carry no range table."""
     limit = {Command.HELLO: HELLO.size, Command.COMPLETE: 0, Command.RUNNING: 0,
              Command.ACK: ACK.size, Command.ERROR: MAX_MESSAGE,
-             Command.CANCEL: MAX_MESSAGE, Command.STATE: state_limit(mem_size)}[h.command]
-    if h.command in (Command.HELLO, Command.ACK) and h.length != limit:
+             Command.CANCEL: MAX_MESSAGE, Command.STATE: state_limit(mem_size),
+             Command.DONE: DONE.size}[h.command]
+    if h.command in (Command.HELLO, Command.ACK, Command.DONE) and h.length != limit:
         raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes, expected {limit}")
     if h.length > limit:
         raise ProtocolError(f"{h.command.name}: payload of {h.length} bytes exceeds {limit}")

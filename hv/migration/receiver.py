@@ -15,7 +15,11 @@ and the wrong kind is refused, logged, and does not end the wait.
 Whatever goes wrong (malformed stream, wrong version, out-of-order command,
 dropped connection, CANCEL, a page hash that does not match) raises
 MigrationError with the reason, after sending ERROR to the source when the
-connection still works; the guest is never resumed half-restored.
+connection still works; the guest is never resumed half-restored. In
+postcopy (hv.migration.postcopy) the guest already runs when the pages
+are still coming: a failure then pauses it (the pause callback) and raises
+PostcopyFailed; the pages still missing stay missing, so nothing reads
+them as zero.
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ import numpy as np
 
 from ..memory import PAGE_SIZE
 from . import pages
+from .postcopy import Holdings, PageServer, PostcopyFailed, done_message
 from .protocol import (
-    DATA_COMMANDS, FEATURE_VERIFY, FEATURES, VERSION, Command, Control, Hello, MigrationError,
-    PeerError, ProtocolError, Ranges, Stream, ack, error, reason)
+    DATA_COMMANDS, FEATURE_POSTCOPY, FEATURE_VERIFY, FEATURES, VERSION, Command, Control,
+    Header, Hello, MigrationError, PeerError, ProtocolError, Ranges, Stream, ack, error, reason)
 from .state_codec import decode_state
+from ..vmm import PAUSE_POSTCOPY
 from .transport import (TLS_HANDSHAKE_BYTE, SocketStream, TlsStream, format_uri, listen,
                         ssl_reason, tune_socket)
 
@@ -43,6 +49,8 @@ class State(enum.Enum):
     WAIT_HELLO = "wait-hello"
     MEMORY = "memory"
     STATE = "state"
+    POSTCOPY = "postcopy"                   # the switch: fetch set and state
+    POSTCOPY_ACTIVE = "postcopy-active"     # the guest runs; pages are served
     COMPLETE = "complete"
     FAILED = "failed"
 
@@ -63,6 +71,11 @@ TRANSITIONS = {
     (State.MEMORY, Command.STATE): State.STATE,
     (State.STATE, Command.VERIFY): State.STATE,
     (State.STATE, Command.COMPLETE): State.COMPLETE,
+    (State.MEMORY, Command.POSTCOPY): State.POSTCOPY,
+    (State.POSTCOPY, Command.STATE): State.POSTCOPY,
+    (State.POSTCOPY, Command.COMPLETE): State.POSTCOPY_ACTIVE,
+    (State.POSTCOPY_ACTIVE, Command.VERIFY): State.POSTCOPY_ACTIVE,
+    (State.POSTCOPY_ACTIVE, Command.COMPLETE): State.COMPLETE,
 }
 
 # Secondary connections (channel > 0) carry pages only.
@@ -86,6 +99,9 @@ class Receiver:
 
     restore(state_dict) and resume() are called, in that order, only after
     COMPLETE arrived with everything checked; RUNNING is sent after resume().
+    In postcopy they are called at the switch, with the page server already
+    serving faults; pause(), when given, holds the guest if the migration
+    fails after that, and on_postcopy(receiver) is called once it runs.
     A Prefault still faulting in `memory` is stopped (and waited for) when
     the first message after HELLO arrives, so that it never faults a page
     back in after ZERO or FREE discarded it.
@@ -94,7 +110,9 @@ class Receiver:
     def __init__(self, memory, restore: Callable[[dict], None] | None = None,
                  resume: Callable[[], None] | None = None, *, secondary: bool | None = False,
                  require_verify: bool = False, log=None, prefault: "Prefault | None" = None,
-                 admit: Callable[["Receiver", Hello], None] | None = None):
+                 admit: Callable[["Receiver", Hello], None] | None = None,
+                 pause: Callable[[], None] | None = None,
+                 on_postcopy: Callable[["Receiver"], None] | None = None):
         self.memory = memory
         self.npages = memory.size // PAGE_SIZE
         # ranges must lie in RAM: never in the hole between regions
@@ -125,11 +143,18 @@ class Receiver:
         #: by all connections, so VERIFY compares tables instead of hashing
         #: guest memory while the guest is down
         self.page_hashes: np.ndarray | None = None
+        #: FEATURE_POSTCOPY: what this destination holds (all connections)
+        self.holdings: Holdings | None = None
+        self.pause = pause
+        self.on_postcopy = on_postcopy
+        self.fetch: tuple[np.ndarray, np.ndarray] | None = None   # POSTCOPY's table
+        self.server: PageServer | None = None       # after the switch
+        self.resumed_at = None                      # postcopy: the guest runs
 
     # -- the state machine -----------------------------------------------
     def step(self, stream: Stream) -> State:
         """Read one message and act on it; returns the new state."""
-        h = stream.recv_header()
+        h = self._next_header(stream)
         if self.first_message_at is None:
             self.first_message_at = time.monotonic()
         self.stats["messages"] += 1
@@ -155,29 +180,64 @@ class Receiver:
         self.state = nxt
         return nxt
 
+    def _next_header(self, stream: Stream) -> Header:
+        """The next message's header: from the stream, or, once the guest
+        runs in postcopy, from the page server, which places every page
+        message before it."""
+        if self.state != State.POSTCOPY_ACTIVE:
+            return stream.recv_header()
+        return self.server.wait() if self.server.serving else self.server.serve()
+
     def run(self, stream: Stream) -> dict:
         """Drive the state machine to COMPLETE. On any failure: ERROR to the
-        peer (best effort), state FAILED, MigrationError raised."""
+        peer (best effort), state FAILED, MigrationError raised (PostcopyFailed
+        once the guest ran here: then it is paused)."""
         try:
             while self.state != State.COMPLETE:
                 self.step(stream)
         except PeerError as e:
             self.state = State.FAILED
             self.error = str(e)
+            self._postcopy_failed()
             raise
         except MigrationError as e:
             self.state = State.FAILED
             self.error = str(e)
-            self._send_error(stream, str(e))
+            self._postcopy_failed(stream, str(e))
             raise
         except Exception as e:
             self.state = State.FAILED
             self.error = f"migration failed on the destination: {reason(e)}"
-            self._send_error(stream, f"destination failed: {reason(e)}")
+            self._postcopy_failed(stream, f"destination failed: {reason(e)}")
             raise MigrationError(self.error) from e
         finally:
             self.finished.set()
         return self.stats
+
+    def _postcopy_failed(self, stream: Stream | None = None, message: str = "") -> None:
+        """Tell the source (ERROR, when stream is given). After the switch:
+        stop serving first; once the guest resumed here, hold it (its missing
+        pages stay missing) and raise PostcopyFailed saying so."""
+        if self.server is not None:
+            self.server.stop()
+        if stream is not None:
+            self._send_error(stream, message)
+        if self.server is None or self.resumed_at is None:
+            return                      # never resumed: a plain failure
+        what = self.error
+        held = "the guest is paused (postcopy-paused)"
+        if self.pause is not None:
+            try:
+                self.pause()
+            except Exception as e:
+                held = f"the guest could not be paused ({reason(e)})"
+        else:
+            held = "nothing pauses the guest here"
+        missing = self.server.missing
+        self.error = (f"postcopy failed after the guest resumed here: {what}; {held}, "
+                      f"{missing} pages are still missing and stay so (a touch of one "
+                      f"waits; the guest never reads one as zero)")
+        raise PostcopyFailed(self.error)
 
     @staticmethod
     def _send_error(stream: Stream, message: str) -> None:
@@ -187,6 +247,10 @@ class Receiver:
             pass
 
     # -- handlers ----------------------------------------------------------
+    def _note(self, msg: Ranges) -> None:
+        if self.holdings is not None:
+            self.holdings.note(msg.command, msg.starts, msg.counts)
+
     def _on_hello(self, hello: Hello, stream: Stream) -> None:
         if hello.page_size != PAGE_SIZE:
             raise HelloRefused(f"HELLO: page size {hello.page_size}, this hv uses {PAGE_SIZE}")
@@ -210,6 +274,8 @@ class Receiver:
         self.hello = hello
         if hello.features & FEATURE_VERIFY and not self.secondary:
             self.page_hashes = np.full(self.npages, pages.ZERO_PAGE_HASH, dtype=np.uint64)
+        if hello.features & FEATURE_POSTCOPY and not self.secondary:
+            self.holdings = Holdings(self.memory)
         stream.send(ack(Command.HELLO))
 
     def _record_hashes(self, msg: Ranges, value: int | None = None) -> None:
@@ -227,6 +293,7 @@ class Receiver:
         self.stats["pages"] += msg.npages
         self.stats["bytes"] += msg.npages * PAGE_SIZE
         self._record_hashes(msg)
+        self._note(msg)
 
     _on_memory_zstd = _on_memory       # decompressed into guest memory by the stream
 
@@ -234,11 +301,13 @@ class Receiver:
         pages.fill(self.memory, msg.starts, msg.counts, 0, discard=True)
         self.stats["zero_pages"] += msg.npages
         self._record_hashes(msg, pages.ZERO_PAGE_HASH)
+        self._note(msg)
 
     def _on_fill(self, msg: Ranges, stream: Stream) -> None:
         pages.fill(self.memory, msg.starts, msg.counts, msg.pattern, discard=True)
         self.stats["fill_pages"] += msg.npages
         self._record_hashes(msg, pages.fill_page_hash(msg.pattern))
+        self._note(msg)
 
     def _on_free(self, msg: Ranges, stream: Stream) -> None:
         # Whatever the page held is undefined at the source: drop our copy
@@ -246,6 +315,7 @@ class Receiver:
         pages.fill(self.memory, msg.starts, msg.counts, 0, discard=True)
         self.stats["free_pages"] += msg.npages
         self._record_hashes(msg, pages.ZERO_PAGE_HASH)
+        self._note(msg)
 
     def _on_state(self, msg, stream: Stream) -> None:
         self.machine_state = decode_state(msg.payload)
@@ -269,9 +339,57 @@ class Receiver:
         self.verified = True
         self.stats["verified_pages"] = len(mine)
 
+    def _on_postcopy(self, msg: Ranges, stream: Stream) -> None:
+        if self.holdings is None:
+            raise ProtocolError("POSTCOPY, but the source's HELLO did not announce postcopy")
+        if not isinstance(stream, SocketStream):
+            raise ProtocolError("postcopy needs a plain TCP connection (not TLS)")
+        self.fetch = (msg.starts, msg.counts)
+
+    def _postcopy_switch(self, stream: Stream) -> None:
+        """COMPLETE after POSTCOPY: RAM under userfaultfd, the page server
+        running, then restore and resume; RUNNING goes out through the server."""
+        self._wait_secondaries()
+        if self.machine_state is None:
+            raise ProtocolError("COMPLETE before STATE")
+        t0 = time.monotonic()
+        server = PageServer(self.memory, stream.fd, self.holdings, self.page_hashes,
+                            stream.timeout)
+        self.server = server
+        self.stats["postcopy_fetch_pages"] = server.switch(*self.fetch)
+        self.stats["postcopy_zero_placed"] = server.zero_placed
+        self.stats["postcopy_switch_ms"] = server.switch_ms
+        server.start()
+        if self.restore is not None:
+            try:
+                self.restore(self.machine_state)
+            except Exception as e:
+                raise MigrationError(f"restoring the machine state failed: {reason(e)}") from e
+        if self.resume is not None:
+            self.resume()
+        self.resumed_at = time.monotonic()
+        self.stats["restore_ms"] = round((self.resumed_at - t0) * 1000, 3)
+        server.write(Header(Command.RUNNING, 0).pack())
+        if self.on_postcopy is not None:
+            self.on_postcopy(self)
+
+    def _postcopy_done(self, stream: Stream) -> None:
+        """COMPLETE in postcopy: every page must be here; DONE tells the source."""
+        if self.require_verify and not self.verified:
+            raise MigrationError("verification was required but the source sent no VERIFY")
+        done = done_message(self.server.pc.st)
+        self.stats["postcopy"] = self.server.stats()
+        self.server.finish()
+        self.completed_at = time.monotonic()
+        stream.send(done)
+
     def _on_complete(self, msg, stream: Stream) -> None:
         if self.secondary:
             return
+        if self.state == State.POSTCOPY:
+            return self._postcopy_switch(stream)
+        if self.state == State.POSTCOPY_ACTIVE:
+            return self._postcopy_done(stream)
         self._wait_secondaries()
         if self.require_verify and not self.verified:
             raise MigrationError("verification was required but the source sent no VERIFY")
@@ -292,6 +410,7 @@ class Receiver:
     def add_secondary(self, sub: "Receiver") -> None:
         """Another connection of this migration (it runs sub.run itself)."""
         sub.page_hashes = self.page_hashes
+        sub.holdings = self.holdings
         with self._secondaries_changed:
             self.secondaries.append(sub)
             self._secondaries_changed.notify_all()
@@ -358,8 +477,9 @@ class _Connections:
     at once and is closed."""
 
     def __init__(self, memory, restore, resume, *, timeout, handshake_timeout,
-                 require_verify, log, prefault, tls=None):
+                 require_verify, log, prefault, tls=None, pause=None, on_postcopy=None):
         self.memory, self.restore, self.resume = memory, restore, resume
+        self.pause, self.on_postcopy = pause, on_postcopy
         self.tls = tls                          # hv.tls.TlsCredentials: TLS only
         self.tls_context = tls.server_context() if tls is not None else None
         self.timeout = timeout
@@ -428,7 +548,8 @@ class _Connections:
                 stream = TlsStream(tls, timeout=self.handshake_timeout, peer="source")
             rx = Receiver(self.memory, self.restore, self.resume, secondary=None,
                           require_verify=self.require_verify, log=self.log,
-                          prefault=self.prefault, admit=self._admit)
+                          prefault=self.prefault, admit=self._admit, pause=self.pause,
+                          on_postcopy=self.on_postcopy)
             try:
                 rx.step(stream)                 # HELLO, admitted or refused
             except MigrationError as e:
@@ -535,11 +656,15 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
             timeout: float = 60.0, accept_timeout: float | None = None,
             handshake_timeout: float = HANDSHAKE_TIMEOUT, require_verify: bool = False,
             log=None, should_stop=None, prefault: Prefault | None = None, tls=None,
-            on_receiving: Callable[[Receiver], None] | None = None) -> Receiver:
+            on_receiving: Callable[[Receiver], None] | None = None,
+            pause: Callable[[], None] | None = None,
+            on_postcopy: Callable[[Receiver], None] | None = None) -> Receiver:
     """Accept a migration on `listener` and drive it to COMPLETE (restore,
     resume, RUNNING). Returns the Receiver; raises MigrationError.
     on_receiving(receiver), when given, is called once the source's first
     connection is admitted (its receiver's stats then grow as pages arrive).
+    In postcopy: on_postcopy(receiver) once the guest runs here, pause() when
+    the migration fails after that (PostcopyFailed is raised).
 
     Connections are accepted on a thread while the migration runs: one that
     sends no HELLO within handshake_timeout is dropped, one of another source
@@ -547,7 +672,8 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
     log = log or (lambda msg: None)
     conns = _Connections(memory, restore, resume, timeout=timeout,
                          handshake_timeout=handshake_timeout, require_verify=require_verify,
-                         log=log, prefault=prefault, tls=tls)
+                         log=log, prefault=prefault, tls=tls, pause=pause,
+                         on_postcopy=on_postcopy)
     acceptor = threading.Thread(target=conns.accept_loop, args=(listener,),
                                 name="hv-migrate-accept", daemon=True)
     acceptor.start()
@@ -568,7 +694,7 @@ def receive(memory, listener: socket.socket, restore=None, resume=None, *,
 
 def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float | None = None,
              require_verify: bool = False, verbose: bool = True, on_listening=None,
-             prefault: bool = True, on_receiving=None, tls=None) -> dict:
+             prefault: bool = True, on_receiving=None, tls=None, on_postcopy=None) -> dict:
     """Receive a migrating guest into `machine` (created, not booted).
 
     Listens on uri (tcp:HOST:PORT), accepts the source's connection(s),
@@ -576,6 +702,9 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
     and starts its vCPUs, and answers RUNNING. Returns statistics. Raises
     MigrationError (an HvError: the CLI prints it and exits non-zero) when
     the stream is malformed or the connection drops; nothing is resumed then.
+    In postcopy the guest resumes at the switch (on_postcopy(receiver) is
+    called then); a failure after it pauses the guest (hold "postcopy") and
+    raises PostcopyFailed.
 
     With prefault, a thread faults in all of guest RAM while the receiver
     waits for the source (like QEMU's -mem-prealloc), so that page data later
@@ -602,7 +731,9 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
                      timeout=timeout,
                      accept_timeout=accept_timeout, require_verify=require_verify, log=log,
                      should_stop=lambda: machine.status == "shutdown",
-                     prefault=prefaulter, on_receiving=on_receiving, tls=tls)
+                     prefault=prefaulter, on_receiving=on_receiving, tls=tls,
+                     pause=lambda: machine.pause(PAUSE_POSTCOPY, timeout=1.0, keep=True),
+                     on_postcopy=on_postcopy)
     finally:
         listener.close()
         if prefaulter is not None:
@@ -610,10 +741,14 @@ def incoming(machine, uri: str, *, timeout: float = 60.0, accept_timeout: float 
     stats = dict(rx.stats)
     stats["verified"] = rx.verified
     stats["total_ms"] = round((time.monotonic() - t0) * 1000, 3)
+    pc = stats.get("postcopy")
+    tail = (f"; postcopy: {pc['pages_placed']} pages placed, {pc['requests']} asked for, "
+            f"fault latency {pc['latency_mean_ms']} ms mean, {pc['latency_max_ms']} ms "
+            f"worst" if pc else "")
     log(f"migration received: {stats['pages']} pages with data, {stats['zero_pages']} zero, "
-        f"{stats['fill_pages']} filled, {stats['free_pages']} free; guest running")
+        f"{stats['fill_pages']} filled, {stats['free_pages']} free{tail}; guest running")
     return stats
 
 
-__all__ = ["HelloRefused", "Prefault", "Receiver", "State", "TRANSITIONS", "incoming",
-           "receive", "VERSION"]
+__all__ = ["HelloRefused", "PostcopyFailed", "Prefault", "Receiver", "State", "TRANSITIONS",
+           "incoming", "receive", "VERSION"]

@@ -19,9 +19,17 @@ reads its statistics, `migrate-cancel` stops it):
    downtime_ms at the measured bandwidth, or max_rounds;
 6. pause the vCPUs, save the machine state, send the last dirty pages, STATE,
    (VERIFY), COMPLETE; wait for RUNNING; only then the source stops.
+   With postcopy (hv.migration.postcopy) the switch replaces this step when
+   asked for (start_postcopy(), QMP migrate-start-postcopy), after
+   postcopy_after_rounds dirty rounds, or when the rounds run out: pause,
+   the state, the pages still to fetch; the guest resumes on the
+   destination, which fetches them on demand while the rest follows.
 
 Any failure (connection lost, refused, timeout, cancel) resumes the source
-guest and reports why: status "failed" or "cancelled" with `error`.
+guest and reports why: status "failed" or "cancelled" with `error`; except
+after a postcopy switch, once the destination runs the guest: then the
+source stays in postmigrate, keeping the guest's memory (see
+hv.migration.postcopy).
 Per-page work happens in hv._pages (classification, run scans, writev).
 """
 
@@ -41,8 +49,8 @@ from ..memory import PAGE_SIZE, bitmap_words
 from . import pages
 from .compression import COMPRESSION_MODES, DEFAULT_LEVEL, MAX_LEVEL, MIN_LEVEL, Compression
 from .protocol import (
-    FEATURE_VERIFY, FEATURES, Command, Control, Hello, MigrationError, PeerError, ProtocolError,
-    Ranges, cancel as cancel_msg, error as error_msg)
+    FEATURE_POSTCOPY, FEATURE_VERIFY, FEATURES, Command, Control, Hello, MigrationError,
+    PeerError, ProtocolError, Ranges, cancel as cancel_msg, error as error_msg)
 from .contract import KvmSourceMachine, SourceMachine
 from .dirty_limit import DirtyLimit
 from .dirty_log import dirty_log_for
@@ -123,6 +131,10 @@ class MigrationParams:
     tls: object = None                  # hv.tls.TlsCredentials: every connection over TLS
     tls_hostname: str = ""              # the name the destination's certificate must carry
                                         # ("": the URI's host)
+    #: postcopy (QEMU's postcopy-ram): the switch may replace the final pause
+    postcopy: bool = False
+    #: switch by itself after this many dirty rounds (-1: only when asked)
+    postcopy_after_rounds: int = -1
 
     #: how each argument of the migrate command is checked (hv.params)
     CHECKS = {
@@ -152,6 +164,8 @@ class MigrationParams:
         "compression_level": (params.integer, MIN_LEVEL, MAX_LEVEL),
         "tls": (_tls_credentials,),
         "tls_hostname": (params.string,),
+        "postcopy": (params.boolean,),
+        "postcopy_after_rounds": (params.integer, -1, 100_000),
     }
 
     @classmethod
@@ -167,6 +181,9 @@ class MigrationParams:
         except params.ParameterError as e:
             raise MigrationError(str(e)) from None
         parse_uri(checked["uri"])
+        if checked.get("postcopy") and checked.get("tls") is not None:
+            raise MigrationError("postcopy cannot run over TLS in hv: the destination serves "
+                                 "page faults from the raw connection; turn one of them off")
         return cls(**checked)
 
 
@@ -212,6 +229,25 @@ class Stats:
     dirty_limit: dict | None = None
     #: pages of the guest's kernel image sent while it built its free page bitmap
     pages_sent_before_bitmap: int = 0
+    #: postcopy: switched; pages the destination was to fetch at the switch;
+    #: REQUEST messages answered and the pages they asked for; pages pushed
+    #: in the background; bytes sent after the switch
+    postcopy: bool = False
+    postcopy_pages: int = 0
+    postcopy_requests: int = 0
+    postcopy_pages_requested: int = 0
+    postcopy_pages_pushed: int = 0
+    postcopy_bytes: int = 0
+    #: request arrival to answer sent, here (ms)
+    postcopy_service_ms_mean: float | None = None
+    postcopy_service_ms_max: float | None = None
+    #: the destination's figures (DONE): faults it asked for, and the time
+    #: from each fault to its page in place (ms)
+    postcopy_faults: int | None = None
+    fault_latency_ms_mean: float | None = None
+    fault_latency_ms_max: float | None = None
+    #: from the switch to DONE
+    postcopy_ms: float | None = None
     warning: str | None = None
     error: str | None = None
 
@@ -286,6 +322,8 @@ class Migration:
         self._tail_ms = TAIL_ESTIMATE_MS
         self._dirty_rate_high = 0
         self._compression = Compression(params.compression, params.compression_level)
+        self._postcopy_asked = threading.Event()
+        self._postcopy_source = None
         if params.auto_converge and not isinstance(machine, KvmSourceMachine):
             raise MigrationError("auto-converge throttles vCPUs: this machine has none")
         # per-page hashes of what the destination holds, kept up to date as
@@ -334,6 +372,16 @@ class Migration:
                     except OSError:
                         pass
         threading.Thread(target=force, daemon=True).start()
+
+    def start_postcopy(self) -> None:
+        """Switch to postcopy at the end of the current pass (QEMU's
+        migrate-start-postcopy)."""
+        if not self.p.postcopy:
+            raise MigrationError("Enable postcopy with migrate_set_capability before the "
+                                 "start of migration")
+        if self._done.is_set() or self.s.status not in ("setup", "active"):
+            raise MigrationError("Postcopy must be started after migration has been started")
+        self._postcopy_asked.set()
 
     def query(self) -> dict:
         with self._lock:
@@ -407,7 +455,8 @@ class Migration:
         # A send that failed because the destination gave up: its ERROR may
         # be waiting in the receive buffer, and says why.
         peer_said = isinstance(e, PeerError)
-        if self.streams and not cancelled and not peer_said:
+        # (in postcopy the return path's reader has read whatever came)
+        if self.streams and not cancelled and not peer_said and self._postcopy_source is None:
             try:
                 st0 = self.streams[0]
                 st0.timeout = 0.5
@@ -430,6 +479,20 @@ class Migration:
             self.log.stop()
         except Exception:
             pass
+        pc = self._postcopy_source
+        if pc is not None and pc.running.is_set():
+            # The guest ran on the destination: it never runs here again.
+            if self._holding_pause:
+                self.machine.enter_postmigrate()
+                self._holding_pause = False
+            with self._lock:
+                self.s.error = (f"postcopy failed after the guest resumed on the destination: "
+                                f"{reason}; the source cannot resume it (its memory moved on "
+                                f"there), so it stays in postmigrate and keeps the guest's "
+                                f"memory; {pc.left} of the {self.s.postcopy_pages} pages to "
+                                f"fetch had not been sent")
+            self._set_status("failed")
+            return
         if self._holding_pause:
             if self._storage_released and not (self._complete_sent and not peer_said):
                 # The destination did not resume: the disks are ours again.
@@ -485,6 +548,8 @@ class Migration:
             t0 = time.monotonic()
             # FEATURE_VERIFY: VERIFY will come, hash pages as they arrive
             features = FEATURES if self.p.verify else FEATURES & ~FEATURE_VERIFY
+            if not self.p.postcopy:
+                features &= ~FEATURE_POSTCOPY
             st_.send(Hello(PAGE_SIZE, self.memory.size, features, self.p.connections, i,
                            session))
             reply = st_.recv(self.npages)
@@ -820,6 +885,9 @@ class Migration:
                 self.s.remaining_pages = n
                 self.s.expected_downtime_ms = round(expected_ms, 3)
             out_of_rounds = number >= p.max_rounds and p.downtime_strategy != "iterate"
+            if self._postcopy_due(number, expected_ms <= p.downtime_ms, out_of_rounds):
+                self._postcopy(dirty, ever_dirty, skipped_free, number)
+                break
             if expected_ms <= p.downtime_ms or out_of_rounds:
                 if expected_ms > p.downtime_ms:
                     if p.downtime_strategy == "cancel":
@@ -845,6 +913,112 @@ class Migration:
             # chance to read the final statistics before this process ends.
             self._queried_final.wait(p.linger_ms / 1000)
             stop_machine(self.machine)
+
+    # -- postcopy ---------------------------------------------------------------
+    def _postcopy_due(self, number: int, fits: bool, out_of_rounds: bool) -> bool:
+        """Switch now: asked for (before the rest fits, as QEMU does), after
+        postcopy_after_rounds rounds unless the rest fits, or instead of
+        giving up when the rounds ran out."""
+        p = self.p
+        if not p.postcopy:
+            return False
+        if self._postcopy_asked.is_set():
+            return True
+        if fits:
+            return False
+        return (0 <= p.postcopy_after_rounds <= number) or out_of_rounds
+
+    def _postcopy(self, dirty: np.ndarray, ever_dirty: np.ndarray, skipped_free: np.ndarray,
+                  number: int) -> None:
+        """The switch and the postcopy phase (hv.migration.postcopy): pause,
+        send the pages still to fetch, the state and COMPLETE; serve the
+        destination's requests and push the rest; done at DONE."""
+        from .postcopy import PostcopySource
+        p = self.p
+        self._hint_done()
+        parts = {}
+        pause_t = time.monotonic()
+        self.machine.pause(PAUSE_MIGRATION)
+        self._holding_pause = True
+        t = time.monotonic()
+        parts["pause"] = (t - pause_t) * 1000
+        self._set_status("device")
+        if p.on_paused is not None:
+            p.on_paused(self.machine)
+        machine_state = self.machine.save_state()
+        t2 = time.monotonic()
+        parts["save"] = (t2 - t) * 1000
+        fetch = dirty
+        more = self._sync()
+        pages.or_into(fetch, more)
+        pages.or_into(ever_dirty, more)
+        self.log.stop()             # paused for good: nothing changes here any more
+        self._skipped_free, self._ever_dirty = skipped_free, ever_dirty
+        t3 = time.monotonic()
+        parts["final_sync"] = (t3 - t2) * 1000
+        n = pages.count(fetch)
+        rnd = self._new_round(number + 1)
+        rnd["dirty_pages"] = n
+        rnd["postcopy"] = True
+        self.machine.unlock_storage()
+        self._storage_released = True
+        for extra in self.streams[1:]:
+            extra.send(Control(Command.COMPLETE))
+        st0 = self.streams[0]
+        if st0.rate is not None:
+            # from now on everything goes over connection 0, at the whole bandwidth
+            st0.rate.c.bytes_per_sec = int(p.max_bandwidth_mib * (1 << 20))
+        s, c = pages.all_runs(fetch, self.npages)
+        sent = st0.send(Ranges(Command.POSTCOPY, s, c))
+        sent += st0.send(state_message(machine_state))
+        st0.send(Control(Command.COMPLETE))
+        self._complete_sent = True
+        with self._lock:
+            self.s.bytes_sent += sent + 24
+            self.s.postcopy = True
+            self.s.postcopy_pages = self.s.remaining_pages = n
+        parts["switch_send"] = (time.monotonic() - t3) * 1000
+        src = self._postcopy_source = PostcopySource(self, st0, fetch)
+        self._set_status("postcopy-active")
+
+        def on_running(at: float) -> None:
+            # The guest runs on the destination: it never runs here again.
+            self.machine.enter_postmigrate()
+            self._holding_pause = False
+            parts["resume"] = (at - pause_t) * 1000 - sum(parts.values())
+            with self._lock:
+                self.s.downtime_ms = round((at - pause_t) * 1000, 3)
+                self.s.downtime_parts = {k: round(v, 3) for k, v in parts.items()}
+                self.s.downtime_exceeded = self.s.downtime_ms > p.downtime_ms
+        src.on_running = on_running
+        done = src.run(p.timeout_s)
+        rnd["pages"] = self.s.postcopy_pages_pushed + self.s.postcopy_pages_requested
+        rnd["bytes"] = self.s.postcopy_bytes
+        rnd["ms"] = round((time.monotonic() - t3) * 1000, 3)
+        self._close()
+        with self._lock:
+            self.s.postcopy_faults = done["requests"]
+            self.s.fault_latency_ms_mean = done["latency_mean_ms"]
+            self.s.fault_latency_ms_max = done["latency_max_ms"]
+            self.s.postcopy_ms = rnd["ms"]
+            self.s.remaining_pages = 0
+            self.s.verified = True if p.verify else None
+        self._set_status("completed")
+
+    def _send_postcopy_verify(self) -> None:
+        """VERIFY after the postcopy push: the hashes of every page but the
+        free ones never written, as the source holds them (paused since the
+        switch), which is what the destination placed."""
+        if not self.p.verify:
+            return
+        unsent_free, _ = pages.andnot(self._skipped_free, self._ever_dirty)
+        check, _ = pages.andnot(self.memory.ram_bitmap(), unsent_free)
+        s, c = pages.all_runs(check, self.npages)
+        hashes = self._hashes[pages.range_pfns(s, c)]
+        self.verify_hashes = (s, c, hashes)
+        n = self.streams[0].send(Ranges(Command.VERIFY, s, c, hashes=hashes))
+        with self._lock:
+            self.s.bytes_sent += n
 
     def _final_phase(self, dirty: np.ndarray, ever_dirty: np.ndarray,
                      skipped_free: np.ndarray, number: int, force: bool) -> np.ndarray | None:

@@ -13,12 +13,12 @@ hv.devices, which use hv.memory and hv.kvm.
 from .config import (DIRTY_RING_MIN_BYTES, MIB, MIN_MEM_MIB, VIRTIO_MMIO_BASE,
                      MachineConfig, base_cmdline, check_dirty_ring_size, max_mem_mib)
 from .machine import Machine
-from .runstate import (PAUSE_MIGRATION, PAUSE_USER, STATUS_INMIGRATE, STATUS_PAUSED,
+from .runstate import (PAUSE_MIGRATION, PAUSE_POSTCOPY, PAUSE_USER, STATUS_INMIGRATE, STATUS_PAUSED,
                        STATUS_POSTMIGRATE, STATUS_PRELAUNCH, STATUS_RUNNING,
                        STATUS_SHUTDOWN, MachineError)
 
 __all__ = ["DIRTY_RING_MIN_BYTES", "MIB", "MIN_MEM_MIB", "VIRTIO_MMIO_BASE", "MachineConfig",
            "base_cmdline", "check_dirty_ring_size", "max_mem_mib", "Machine",
-           "PAUSE_MIGRATION", "PAUSE_USER", "STATUS_INMIGRATE", "STATUS_PAUSED",
+           "PAUSE_MIGRATION", "PAUSE_POSTCOPY", "PAUSE_USER", "STATUS_INMIGRATE", "STATUS_PAUSED",
            "STATUS_POSTMIGRATE", "STATUS_PRELAUNCH", "STATUS_RUNNING", "STATUS_SHUTDOWN",
            "MachineError"]

@@ -43,7 +43,8 @@ from .config import (DIRTY_RING_MIN_BYTES, KVM_IDENTITY_MAP_ADDR, KVM_TSS_ADDR, 
                      MIN_MEM_MIB, VIRTIO_FIRST_GSI, VIRTIO_MAX_DEVICES, VIRTIO_MMIO_BASE,
                      VIRTIO_MMIO_SIZE, MachineConfig, balloon_kwargs, base_cmdline,
                      check_dirty_ring_size, max_mem_mib)
-from .runstate import (MIGRATION_HOLDS_MESSAGE, PAUSE_MIGRATION, PAUSE_USER,
+from .runstate import (MIGRATION_HOLDS_MESSAGE, PAUSE_MIGRATION, PAUSE_POSTCOPY,
+                       POSTCOPY_HOLDS_MESSAGE, PAUSE_USER,
                        POSTMIGRATE_MESSAGE, STATUS_PAUSED, STATUS_POSTMIGRATE,
                        STATUS_PRELAUNCH, STATUS_RUNNING, STATUS_SHUTDOWN, MachineError)
 from .vcpu import IO_EXITS, describe_failure, handle_exit, on_parked, set_lint
@@ -463,10 +464,14 @@ class Machine:
     def _all_parked(self) -> bool:
         return all(p or not t.is_alive() for p, t in zip(self._parked, self._threads))
 
-    def pause(self, owner: str = PAUSE_USER, timeout: float = 10.0) -> None:
+    def pause(self, owner: str = PAUSE_USER, timeout: float = 10.0, keep: bool = False) -> None:
         """Hold the guest paused on behalf of owner. Returns once every vCPU
         is out of KVM_RUN with its pending I/O completed and the devices are
-        quiesced. On timeout the hold is rolled back and MachineError raised."""
+        quiesced. On timeout the hold is rolled back and MachineError raised;
+        with keep, the hold stays instead and the machine counts as paused:
+        a postcopy destination whose source is gone has vCPUs waiting in
+        KVM_RUN on pages that never come (they run no guest code, and park
+        if they ever leave it)."""
         with self._lifecycle:
             with self._cond:
                 if self._status == STATUS_SHUTDOWN:
@@ -485,6 +490,11 @@ class Machine:
                 deadline = time.monotonic() + timeout
                 while not self._all_parked() and self._status != STATUS_SHUTDOWN:
                     left = deadline - time.monotonic()
+                    if left <= 0 and keep:
+                        log.warning("pause: %d vCPU(s) still in KVM_RUN after %.0f s; the "
+                                    "hold %r stays", sum(not p for p in self._parked),
+                                    timeout, owner)
+                        break
                     if left <= 0:
                         self._holds.discard(owner)
                         self._want = STATUS_RUNNING
@@ -781,6 +791,8 @@ class Machine:
             raise MachineError(POSTMIGRATE_MESSAGE)
         if PAUSE_MIGRATION in self.pause_holders:
             raise MachineError(MIGRATION_HOLDS_MESSAGE)
+        if PAUSE_POSTCOPY in self.pause_holders:
+            raise MachineError(POSTCOPY_HOLDS_MESSAGE)
         self.resume(PAUSE_USER)
         return {}
 
