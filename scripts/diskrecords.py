@@ -106,14 +106,17 @@ def good_prefix(data: bytes) -> tuple[int, int]:
     return len(lines), good
 
 
-def make_image(directory: str, size: str = IMAGE_SIZE) -> str:
-    """An ext4 image (hv.images' own `disk` command) in directory, holding
-    the guest's records.sh; returns its path."""
-    out = os.path.join(directory, "disk.img")
+def make_image(directory: str, size: str = IMAGE_SIZE, files: dict | None = None,
+               name: str = "disk.img") -> str:
+    """An ext4 image (hv.images' own `disk` command) in directory holding
+    files ({name: bytes or str}; default: the guest's records.sh); returns
+    its path."""
+    out = os.path.join(directory, name)
     content = tempfile.mkdtemp(prefix="content-", dir=directory)
     try:
-        with open(os.path.join(content, SCRIPT_NAME), "w") as f:
-            f.write(GUEST_SCRIPT)
+        for fname, data in (files or {SCRIPT_NAME: GUEST_SCRIPT}).items():
+            with open(os.path.join(content, fname), "wb") as f:
+                f.write(data.encode() if isinstance(data, str) else data)
         from hv.images import make_disk, parse_size
         make_disk(out, parse_size(size), content)
     finally:
