@@ -23,16 +23,21 @@ VERIFY_OK = "hvmem: verify ok"
 RUN_GUEST = [sys.executable, "-c", "import sys; from hv.cli import main; sys.exit(main())"]
 
 
+def dirty_writers(cpus: int, dirty_mib: int, dirty_rate: int = 2000) -> str:
+    """A command prefix: with dirty_mib, one `hvmem dirty` writer pinned to
+    each of the guest's cpus (rewriting dirty_rate pages a second), in the
+    background."""
+    return "".join(f"taskset -c {c} hvmem dirty {dirty_mib} {dirty_rate} </dev/null & "
+                   for c in range(cpus)) if dirty_mib else ""
+
+
 def workload(keep_mib: int, fill_mib: int, cpus: int = 1, dirty_mib: int = 0,
              dirty_rate: int = 2000) -> str:
-    """The guest command: with dirty_mib, one `hvmem dirty` writer pinned to
-    each of the guest's cpus (rewriting dirty_rate pages a second); then
-    write FILL MiB and free them, then hold KEEP MiB (a "verify" line on the
-    console re-checks every byte held)."""
-    writers = "".join(f"taskset -c {c} hvmem dirty {dirty_mib} {dirty_rate} </dev/null & "
-                      for c in range(cpus)) if dirty_mib else ""
+    """The guest command: the dirty_writers, then write FILL MiB and free
+    them, then hold KEEP MiB (a "verify" line on the console re-checks every
+    byte held)."""
+    writers = dirty_writers(cpus, dirty_mib, dirty_rate)
     return f"{writers}hvmem fill {fill_mib} --free && exec hvmem hold {keep_mib}"
-
 
 
 
@@ -158,28 +163,25 @@ FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
 def qmp_migrate(c, uri: str, parameters: dict | None = None, capabilities: dict | None = None,
-                timeout: float = 300.0, poll_s: float = 0.05,
-                samples: list | None = None) -> dict:
+                timeout: float = 300.0, poll_s: float = 0.05, on_poll=None) -> dict:
     """Migrate with QEMU's commands only (the same for hv and QEMU):
     migrate-set-capabilities, migrate-set-parameters, migrate, then
     query-migrate until the migration ends (migrate_cancel after timeout s,
-    status "timeout"). Returns the last MigrationInfo. samples, when given,
-    gets (seconds since migrate, bytes sent, bytes remaining) of every poll."""
+    status "timeout"); on_poll(MigrationInfo) sees each answer before the
+    end. Returns the last MigrationInfo."""
     if capabilities:
         c.execute("migrate-set-capabilities", capabilities=[
             {"capability": k, "state": v} for k, v in capabilities.items()])
     if parameters:
         c.execute("migrate-set-parameters", parameters)
     c.execute("migrate", uri=uri)
-    t0 = time.monotonic()
-    deadline = t0 + timeout
+    deadline = time.monotonic() + timeout
     while True:
         q = c.execute("query-migrate")
-        if samples is not None and q.get("ram"):
-            samples.append((round(time.monotonic() - t0, 4), q["ram"].get("transferred", 0),
-                            q["ram"].get("remaining", 0)))
         if q.get("status") in FINAL_STATUSES:
             return q
+        if on_poll is not None:
+            on_poll(q)
         if time.monotonic() > deadline:
             c.execute("migrate_cancel")
             q = c.execute("query-migrate")
