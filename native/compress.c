@@ -1,6 +1,6 @@
 /* hv._pages: zstd compression of page batches for the migration stream (see
  * pages.h). One context per connection, reused across batches; the source
- * compresses the ranges' pages as one frame, the destination decompresses a
+ * compresses a copy of the ranges' pages as one frame, the destination decompresses a
  * frame straight into the ranges of guest memory. Nothing here trusts the
  * frame: a frame that yields more or fewer bytes than its ranges hold, fails
  * its content checksum, or asks for a larger window than
@@ -9,7 +9,9 @@
 
 #include <errno.h>
 #include <stdlib.h>
+#include <string.h>
 #include <zstd.h>
+#include <zstd_errors.h>
 
 /* 16 MiB: the most a destination holds for one frame's window. */
 #define HV_ZSTD_WINDOW_LOG_MAX 24
@@ -17,6 +19,8 @@
 struct hv_zstd {
     ZSTD_CCtx *c;
     ZSTD_DCtx *d;
+    uint8_t *copy;      /* the batch as it was when compression began */
+    size_t copy_cap;
 };
 
 struct hv_zstd *hv_zstd_new(int level)
@@ -45,14 +49,14 @@ void hv_zstd_free(struct hv_zstd *z)
         return;
     ZSTD_freeCCtx(z->c);
     ZSTD_freeDCtx(z->d);
+    free(z->copy);
     free(z);
 }
 
 size_t hv_zstd_bound(size_t len)
 {
-    /* ZSTD_compressBound is for one-shot compression; streaming adds at most
-     * a block header per 128 KiB block on top, covered by the margin. */
-    return ZSTD_compressBound(len) + len / (128 << 10) * 8 + 64;
+    /* one-shot compression of len bytes, and a margin */
+    return ZSTD_compressBound(len) + 64;
 }
 
 int64_t hv_zstd_compress_ranges(struct hv_zstd *z, const uint8_t *mem, size_t mem_size,
@@ -62,27 +66,29 @@ int64_t hv_zstd_compress_ranges(struct hv_zstd *z, const uint8_t *mem, size_t me
 {
     if (!hv_ranges_valid(starts, counts, nruns, mem_size / page_size))
         return -ERANGE;
-    if (ZSTD_isError(ZSTD_CCtx_reset(z->c, ZSTD_reset_session_only)))
-        return -EIO;
     uint64_t total = 0;
     for (size_t i = 0; i < nruns; i++)
         total += counts[i] * page_size;
-    ZSTD_CCtx_setPledgedSrcSize(z->c, total);
-    ZSTD_outBuffer ob = {out, cap, 0};
-    for (size_t i = 0; i < nruns; i++) {
-        ZSTD_inBuffer ib = {mem + starts[i] * page_size, counts[i] * page_size, 0};
-        ZSTD_EndDirective mode = i + 1 == nruns ? ZSTD_e_end : ZSTD_e_continue;
-        for (;;) {
-            size_t left = ZSTD_compressStream2(z->c, &ob, &ib, mode);
-            if (ZSTD_isError(left))
-                return -EIO;
-            if (mode == ZSTD_e_end ? left == 0 : ib.pos == ib.size)
-                break;
-            if (ob.pos == ob.size)
-                return -ENOSPC;
-        }
+    /* The guest runs on while its pages are compressed: zstd reads its input
+     * more than once (matching, literals, the checksum), so it compresses a
+     * copy, or a page written meanwhile would make a frame that fails its
+     * own checksum. A page written after the copy is in the dirty log. */
+    if (total > z->copy_cap) {
+        uint8_t *bigger = realloc(z->copy, total);
+        if (!bigger)
+            return -ENOMEM;
+        z->copy = bigger;
+        z->copy_cap = total;
     }
-    return (int64_t)ob.pos;
+    uint8_t *p = z->copy;
+    for (size_t i = 0; i < nruns; i++) {
+        memcpy(p, mem + starts[i] * page_size, counts[i] * page_size);
+        p += counts[i] * page_size;
+    }
+    size_t n = ZSTD_compress2(z->c, out, cap, z->copy, total);
+    if (ZSTD_isError(n))
+        return ZSTD_getErrorCode(n) == ZSTD_error_dstSize_tooSmall ? -ENOSPC : -EIO;
+    return (int64_t)n;
 }
 
 int hv_zstd_decompress_ranges(struct hv_zstd *z, uint8_t *mem, size_t mem_size,

@@ -106,8 +106,9 @@ struct hv_zstd *hv_zstd_new(int level);
 void hv_zstd_free(struct hv_zstd *z);
 /* The most bytes hv_zstd_compress_ranges writes for len bytes of pages. */
 size_t hv_zstd_bound(size_t len);
-/* The pages of the ranges as one zstd frame in out (cap bytes, at least
- * hv_zstd_bound of their size). Returns the frame's length or -errno. */
+/* The pages of the ranges, copied first (the guest may write them meanwhile),
+ * as one zstd frame in out (cap bytes, at least hv_zstd_bound of their
+ * size). Returns the frame's length or -errno. */
 int64_t hv_zstd_compress_ranges(struct hv_zstd *z, const uint8_t *mem, size_t mem_size,
                                 size_t page_size, const uint64_t *starts,
                                 const uint64_t *counts, size_t nruns,
