@@ -11,12 +11,13 @@ hv.qmp). A script written for QEMU drives hv unchanged:
 hv's own settings and figures are downstream extensions named with the
 prefix PREFIX, as qmp-spec.rst prescribes (__RFQDN_name): migrate-set-
 parameters takes __io.github.hv_free-pages (bitmap|hint|off), _verify,
-_dirty-log, _max-rounds, _downtime-strategy, _hint-wait-ms and
-_postcopy-after-rounds (with the capability postcopy-ram: switch to
-postcopy by itself after that many dirty rounds; -1, the default: only at
-migrate-start-postcopy, as QEMU); query-migrate adds hv's
-figures (pages skipped as free or zero, the rounds; in postcopy the pages
-requested and pushed, the destination's faults and their latency); the console, the vCPU
+_dirty-log, _max-rounds, _downtime-strategy, _hint-wait-ms, _drop-cache,
+_free-page-timeout-ms and _postcopy-after-rounds (with the capability
+postcopy-ram: switch to postcopy by itself after that many dirty rounds; -1,
+the default: only at migrate-start-postcopy, as QEMU); query-migrate adds
+hv's figures (pages skipped as free or zero, the rounds; in postcopy the
+pages requested and pushed, the destination's faults and their latency); the
+console, the vCPU
 exit counts and the free page bitmap are prefixed commands. A client that
 knows none of them gets hv's defaults.
 
@@ -90,12 +91,14 @@ PARAMETER_FIELDS = {
     "multifd-zstd-level": "compression_level",
     "vcpu-dirty-limit": "vcpu_dirty_limit",
     PREFIX + "postcopy-after-rounds": "postcopy_after_rounds",
+    PREFIX + "free-page-timeout-ms": "free_page_timeout_ms",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
     PREFIX + "free-pages": "str", PREFIX + "verify": "bool", PREFIX + "dirty-log": "str",
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
     PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
+    PREFIX + "free-page-timeout-ms": "int",
     "cpu-throttle-initial": "int", "cpu-throttle-increment": "int", "max-cpu-throttle": "int",
     "multifd-compression": "str", "multifd-zstd-level": "int", "vcpu-dirty-limit": "int",
     PREFIX + "postcopy-after-rounds": "int",
