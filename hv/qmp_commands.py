@@ -11,7 +11,8 @@ hv.qmp). A script written for QEMU drives hv unchanged:
 hv's own settings and figures are downstream extensions named with the
 prefix PREFIX, as qmp-spec.rst prescribes (__RFQDN_name): migrate-set-
 parameters takes __io.github.hv_free-pages (bitmap|hint|off), _verify,
-_dirty-log, _max-rounds, _downtime-strategy and _hint-wait-ms; query-migrate adds hv's
+_dirty-log, _max-rounds, _downtime-strategy, _hint-wait-ms and _io-timeout
+(seconds a send or receive may wait); query-migrate adds hv's
 figures (pages skipped as free or zero, the rounds); the console, the vCPU
 exit counts and the free page bitmap are prefixed commands. A client that
 knows none of them gets hv's defaults.
@@ -79,12 +80,14 @@ PARAMETER_FIELDS = {
     "cpu-throttle-increment": "cpu_throttle_increment",
     "max-cpu-throttle": "max_cpu_throttle",
     PREFIX + "drop-cache": "drop_cache",
+    PREFIX + "io-timeout": "timeout_s",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
     PREFIX + "free-pages": "str", PREFIX + "verify": "bool", PREFIX + "dirty-log": "str",
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
     PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
+    PREFIX + "io-timeout": "number",
     "cpu-throttle-initial": "int", "cpu-throttle-increment": "int", "max-cpu-throttle": "int",
     "tls-creds": "str", "tls-hostname": "str", "tls-authz": "str",
     PREFIX + "tls-authz-names": "list",
@@ -108,6 +111,7 @@ def _defaults() -> dict:
         PREFIX + "max-rounds": d.max_rounds,
         PREFIX + "downtime-strategy": d.downtime_strategy,
         PREFIX + "hint-wait-ms": d.hint_wait_ms,
+        PREFIX + "io-timeout": d.timeout_s,
         "cpu-throttle-initial": d.cpu_throttle_initial,
         "cpu-throttle-increment": d.cpu_throttle_increment,
         "max-cpu-throttle": d.max_cpu_throttle,

@@ -142,3 +142,14 @@ def test_balloon_value_is_what_the_guest_keeps(monitor):
     assert run(cmds, "query-balloon") == {"actual": 48 << 20}
     mon._on_balloon(16 * 256)
     assert events[-1] == ("BALLOON_CHANGE", {"actual": 48 << 20})
+
+
+def test_io_timeout_is_hvs_prefixed_parameter_in_seconds(monitor):
+    mon, cmds, machine, _ = monitor
+    assert run(cmds, "query-migrate-parameters")[PREFIX + "io-timeout"] == \
+        MigrationParams(uri="x").timeout_s
+    run(cmds, "migrate-set-parameters", {PREFIX + "io-timeout": 7.5})
+    p = MigrationParams.from_args(mon._hv_args(mon.parameters, mon.capabilities, "tcp:h:1"))
+    assert p.timeout_s == 7.5
+    with pytest.raises(QmpError, match="'__io.github.hv_io-timeout'"):
+        run(cmds, "migrate-set-parameters", {PREFIX + "io-timeout": 0})
