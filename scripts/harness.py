@@ -158,11 +158,12 @@ FINAL_STATUSES = ("completed", "failed", "cancelled")
 
 
 def qmp_migrate(c, uri: str, parameters: dict | None = None, capabilities: dict | None = None,
-                timeout: float = 300.0, poll_s: float = 0.05) -> dict:
+                timeout: float = 300.0, poll_s: float = 0.05, on_poll=None) -> dict:
     """Migrate with QEMU's commands only (the same for hv and QEMU):
     migrate-set-capabilities, migrate-set-parameters, migrate, then
     query-migrate until the migration ends (migrate_cancel after timeout s,
-    status "timeout"). Returns the last MigrationInfo."""
+    status "timeout"); on_poll(info), when given, sees every reply. Returns
+    the last MigrationInfo."""
     if capabilities:
         c.execute("migrate-set-capabilities", capabilities=[
             {"capability": k, "state": v} for k, v in capabilities.items()])
@@ -172,6 +173,8 @@ def qmp_migrate(c, uri: str, parameters: dict | None = None, capabilities: dict 
     deadline = time.monotonic() + timeout
     while True:
         q = c.execute("query-migrate")
+        if on_poll is not None:
+            on_poll(q)
         if q.get("status") in FINAL_STATUSES:
             return q
         if time.monotonic() > deadline:
