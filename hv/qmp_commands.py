@@ -12,7 +12,7 @@ hv's own settings and figures are downstream extensions named with the
 prefix PREFIX, as qmp-spec.rst prescribes (__RFQDN_name): migrate-set-
 parameters takes __io.github.hv_free-pages (bitmap|hint|off), _verify,
 _dirty-log, _max-rounds, _downtime-strategy, _hint-wait-ms, _drop-cache,
-_free-page-timeout-ms and _postcopy-after-rounds (with the capability
+_free-page-timeout-ms, _io-timeout (seconds a send or receive may wait) and _postcopy-after-rounds (with the capability
 postcopy-ram: switch to postcopy by itself after that many dirty rounds; -1,
 the default: only at migrate-start-postcopy, as QEMU); query-migrate adds
 hv's figures (pages skipped as free or zero, the rounds; in postcopy the
@@ -92,6 +92,7 @@ PARAMETER_FIELDS = {
     "vcpu-dirty-limit": "vcpu_dirty_limit",
     PREFIX + "postcopy-after-rounds": "postcopy_after_rounds",
     PREFIX + "free-page-timeout-ms": "free_page_timeout_ms",
+    PREFIX + "io-timeout": "timeout_s",
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
@@ -99,6 +100,7 @@ PARAMETER_TYPES = {
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
     PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
     PREFIX + "free-page-timeout-ms": "int",
+    PREFIX + "io-timeout": "number",
     "cpu-throttle-initial": "int", "cpu-throttle-increment": "int", "max-cpu-throttle": "int",
     "multifd-compression": "str", "multifd-zstd-level": "int", "vcpu-dirty-limit": "int",
     PREFIX + "postcopy-after-rounds": "int",
@@ -124,6 +126,7 @@ def _defaults() -> dict:
         PREFIX + "max-rounds": d.max_rounds,
         PREFIX + "downtime-strategy": d.downtime_strategy,
         PREFIX + "hint-wait-ms": d.hint_wait_ms,
+        PREFIX + "io-timeout": d.timeout_s,
         "cpu-throttle-initial": d.cpu_throttle_initial,
         "cpu-throttle-increment": d.cpu_throttle_increment,
         "max-cpu-throttle": d.max_cpu_throttle,

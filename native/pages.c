@@ -419,7 +419,7 @@ static int readv_all(int fd, struct iovec *iov, int cnt, uint64_t *got, int time
             return -errno;
         }
         if (r == 0)
-            return -ECONNRESET;
+            return -EPIPE;          /* the peer closed the stream early */
         if (got)
             *got += (uint64_t)r;
         iov_advance(&iov, &cnt, (size_t)r);

@@ -84,7 +84,7 @@ int hv_send_all(int fd, const uint8_t *buf, size_t len, struct hv_rate *rate,
 int hv_send_pages(int fd, const uint8_t *mem, size_t mem_size, size_t page_size,
                   const uint64_t *starts, const uint64_t *counts, size_t nruns,
                   struct hv_rate *rate, uint64_t *sent, int timeout_ms);
-/* Read exactly len bytes into buf. Returns 0, -errno, or -ECONNRESET when the
+/* Read exactly len bytes into buf. Returns 0, -errno, or -EPIPE when the
  * peer closed the stream early (*got says how many bytes arrived). */
 int hv_recv_all(int fd, uint8_t *buf, size_t len, uint64_t *got, int timeout_ms);
 /* Receive the pages of the ranges straight into guest memory with readv.

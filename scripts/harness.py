@@ -178,6 +178,8 @@ def qmp_migrate(c, uri: str, parameters: dict | None = None, capabilities: dict 
     deadline = time.monotonic() + timeout
     while True:
         q = c.execute("query-migrate")
+        if on_poll is not None:
+            on_poll(q)
         if q.get("status") in FINAL_STATUSES:
             return q
         if on_poll is not None:

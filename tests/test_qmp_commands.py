@@ -204,3 +204,14 @@ def test_postcopy_figures_in_query_migrate(monitor):
     assert info[PREFIX + "postcopy-pages-pushed"] == 200
     assert info[PREFIX + "postcopy-pages-requested"] == 9
     assert PREFIX + "postcopy-fault-latency-max-ms" not in info    # DONE has not come
+
+
+def test_io_timeout_is_hvs_prefixed_parameter_in_seconds(monitor):
+    mon, cmds, machine, _ = monitor
+    assert run(cmds, "query-migrate-parameters")[PREFIX + "io-timeout"] == \
+        MigrationParams(uri="x").timeout_s
+    run(cmds, "migrate-set-parameters", {PREFIX + "io-timeout": 7.5})
+    p = MigrationParams.from_args(mon._hv_args(mon.parameters, mon.capabilities, "tcp:h:1"))
+    assert p.timeout_s == 7.5
+    with pytest.raises(QmpError, match="'__io.github.hv_io-timeout'"):
+        run(cmds, "migrate-set-parameters", {PREFIX + "io-timeout": 0})

@@ -176,8 +176,10 @@ def _timeout_ms(timeout) -> int:
 
 def _raise(r: int, what: str, done: int = 0, total: int = 0):
     e = -r
-    if e == errno.ECONNRESET:
+    if e == errno.EPIPE:
         raise ConnectionError(f"{what}: connection closed after {done} of {total} bytes")
+    if e == errno.ECONNRESET:
+        raise ConnectionError(f"{what}: connection reset after {done} of {total} bytes")
     if e == errno.ETIMEDOUT:
         raise TimeoutError(f"{what}: timed out after {done} of {total} bytes")
     if e == errno.ERANGE:

@@ -538,7 +538,7 @@ class _Connections:
         stream = SocketStream(conn, timeout=self.handshake_timeout)
         tls = None
         try:
-            tune_socket(conn)
+            tune_socket(conn, self.timeout)
             tls = self._tls(conn, stream, where)
             if tls is None:
                 return

@@ -55,10 +55,11 @@ from .contract import KvmSourceMachine, SourceMachine
 from .dirty_limit import DirtyLimit
 from .dirty_log import dirty_log_for
 from .state_codec import state_message
-from .transport import SocketStream, TlsStream, connect, parse_uri, tls_client
+from .transport import SocketStream, TlsStream, connect, parse_uri, queued_bytes, tls_client
 from ..vmm import PAUSE_MIGRATION, PAUSE_USER
 
 BATCH_PAGES = 2048          # pages per MEMORY message (8 MiB)
+DRAIN_BYTES = 256 << 10     # what may still wait in a send queue when the guest pauses
 CHUNK_PAGES = 16384         # bulk pass granularity (64 MiB)
 STRIPE_WORDS = 8            # connections stripe memory in 512-page blocks
 
@@ -1034,6 +1035,7 @@ class Migration:
         p = self.p
         self._check_cancel()
         self._hint_done()
+        self._drain()
         parts = {}
         pause_t = time.monotonic()
         self.machine.pause(PAUSE_MIGRATION)
@@ -1123,6 +1125,29 @@ class Migration:
             self.s.verified = True if p.verify else None
         self._set_status("completed")
         return None
+
+    def _drain(self) -> None:
+        """Wait, the guest running, until what the rounds wrote has left the
+        connections' send queues (DRAIN_BYTES at most remain). A socket
+        takes megabytes at once, on a slow link seconds of them: sent after
+        the pause, they would be downtime (8 MiB at 100 Mbit/s: 0.7 s)."""
+        deadline = time.monotonic() + self.p.timeout_s
+        least = None
+        while True:
+            try:
+                queued = [queued_bytes(st.sock) for st in self.streams]
+            except ConnectionError as e:
+                raise MigrationError(f"connection lost while sending pages: {e}") from e
+            if max(queued) <= DRAIN_BYTES:
+                return
+            if least is None or sum(queued) < least:      # acknowledged more: wait on
+                least = sum(queued)
+                deadline = time.monotonic() + self.p.timeout_s
+            self._check_cancel()
+            if time.monotonic() > deadline:
+                raise MigrationError(f"the destination acknowledged nothing for "
+                                     f"{self.p.timeout_s:g} s")
+            time.sleep(0.001)
 
     # -- progress -------------------------------------------------------------
     def progress_line(self) -> str:

@@ -5,7 +5,11 @@ TlsStream, the same over TLS (tls_client wraps the source's connections)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
+import struct
+import termios
 import time
 
 import numpy as np
@@ -53,13 +57,33 @@ def listen(uri: str) -> socket.socket:
     return s
 
 
-def tune_socket(sock: socket.socket) -> None:
-    """A migration connection, either side: no Nagle delay, 4 MiB buffers
-    (best effort)."""
+#: the longest TCP waits between two retransmissions on a migration
+#: connection (Linux's default is 120 s). With the kernel's exponential
+#: backoff, a link that comes back after a few seconds down would be tried
+#: again only seconds later, and one back after 52 s only at 102 s, past the
+#: I/O timeout: with this cap the connection resumes within a second.
+RTO_MAX_MS = 1000
+#: the socket option that sets it (Linux 6.15; older kernels refuse it and
+#: keep their backoff)
+TCP_RTO_MAX_MS = getattr(socket, "TCP_RTO_MAX_MS", 44)
+
+
+def tune_socket(sock: socket.socket, timeout: float | None = None) -> None:
+    """A migration connection, either side: no Nagle delay, 4 MiB buffers,
+    retransmissions at most RTO_MAX_MS apart, and (with timeout, the I/O
+    timeout in seconds) TCP gives up on unacknowledged data a second after
+    hv's own wait would, rather than after tcp_retries2 retransmissions,
+    which at RTO_MAX_MS apart would be some 15 s. All best effort."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+    opts = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20),
+            (socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20),
+            (socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RTO_MAX_MS)]
+    if timeout is not None:
+        opts.append((socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                     min(int(timeout * 1000) + 1000, 2**31 - 1)))
+    for level, opt, value in opts:
         try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+            sock.setsockopt(level, opt, value)
         except OSError:
             pass
 
@@ -71,9 +95,28 @@ def connect(uri: str, timeout: float) -> socket.socket:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as e:
         raise MigrationError(f"cannot connect to {host}:{port}: {e.strerror or e}") from e
-    tune_socket(sock)
+    tune_socket(sock, timeout)
     sock.settimeout(timeout)
     return sock
+
+
+#: TCP states (tcp_info's first byte) in which the peer still takes data
+_TCP_OPEN = (1, 8)          # ESTABLISHED, CLOSE_WAIT
+
+
+def queued_bytes(sock) -> int:
+    """Bytes written to a TCP socket that the peer has not acknowledged yet
+    (SIOCOUTQ: unsent and in flight); 0 where the kernel cannot say.
+    ConnectionError when the connection is gone (reset, closed)."""
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+        out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
+    except (OSError, ValueError):
+        return 0
+    if state not in _TCP_OPEN:
+        err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        raise ConnectionError(os.strerror(err) if err else "connection closed")
+    return struct.unpack("i", out)[0]
 
 
 def close_socket(sock) -> None:
