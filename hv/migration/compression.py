@@ -13,8 +13,8 @@ raw/C + ratio*raw/L compressed, so compression pays while L < C * (1 -
 ratio): on a slow link it is on, on loopback it is off. The compressor is
 measured on a sample (the first SAMPLE_PAGES pages of a batch, compressed
 and thrown away: a fraction of a millisecond) at the first batch and every
-PROBE_EVERY batches after; the link on every send of a batch, so both stay
-current as the guest's data and the link change, and a fast link never
+PROBE_EVERY batches after; the link on every send of a batch (TCP's
+delivery rate, TCP_INFO), so both stay current as the guest's data and the link change, and a fast link never
 pays for a whole batch compressed. Until the link has been measured,
 batches go plain.
 """
@@ -113,9 +113,16 @@ class Compression:
             self.compress_bps = _ewma(self.compress_bps, raw / max(seconds, 1e-6))
             self.ratio = _ewma(self.ratio, frame / raw)
 
-    def sent(self, wire: int, seconds: float, raw: int, was_compressed: bool) -> None:
+    def sent(self, wire: int, seconds: float, raw: int, was_compressed: bool,
+             tcp_rate: float | None = None) -> None:
+        """A batch went out: wire bytes in seconds. The link's rate is TCP's
+        own measure when the stream has one (a write that only filled the
+        socket buffer returns long before the link carried it), else the
+        write's."""
         with self._lock:
-            if wire >= 64 * PAGE_SIZE:      # a few pages say little about the link
+            if tcp_rate:
+                self.link_bps = _ewma(self.link_bps, tcp_rate)
+            elif wire >= 64 * PAGE_SIZE:    # a few pages say little about the link
                 self.link_bps = _ewma(self.link_bps, wire / max(seconds, 1e-6))
             if was_compressed:
                 self.frames += 1
@@ -149,7 +156,7 @@ class Compression:
         if not self.use(stream, memory, starts, counts):
             t0 = time.monotonic()
             n = send_plain()
-            self.sent(n, time.monotonic() - t0, raw, False)
+            self.sent(n, time.monotonic() - t0, raw, False, stream.link_rate())
             return n
         t0 = time.monotonic()
         frame = self.context(stream).compress(memory, starts, counts)
@@ -159,8 +166,8 @@ class Compression:
             with self._lock:
                 self.plain_after_trying += 1
             n = send_plain()
-            self.sent(n, time.monotonic() - t1, raw, False)
+            self.sent(n, time.monotonic() - t1, raw, False, stream.link_rate())
             return n
         n = stream.send(Ranges(Command.MEMORY_ZSTD, starts, counts, data=frame))
-        self.sent(n, time.monotonic() - t1, raw, True)
+        self.sent(n, time.monotonic() - t1, raw, True, stream.link_rate())
         return n

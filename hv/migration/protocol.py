@@ -450,6 +450,11 @@ class Stream:
     def read_pages(self, mem, starts, counts) -> int:
         raise NotImplementedError
 
+    def link_rate(self) -> float | None:
+        """Bytes a second the link delivers, as TCP measures it (None: not
+        a TCP stream, or not known yet)."""
+        return None
+
     # -- messages --------------------------------------------------------
     def send(self, msg, mem=None) -> int:
         """Send a Hello, Ranges or Control. Ranges of MEMORY take their data

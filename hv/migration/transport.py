@@ -128,6 +128,26 @@ def close_socket(sock) -> None:
     sock.close()
 
 
+#: struct tcp_info (<linux/tcp.h>): tcpi_delivery_rate, bytes/s, Linux 4.9+
+TCP_INFO_DELIVERY_RATE = struct.Struct("<Q")
+TCP_INFO_DELIVERY_RATE_AT = 160
+
+
+def delivery_rate(sock) -> float | None:
+    """The rate TCP saw the peer acknowledge data at lately (TCP_INFO's
+    delivery rate), the link's real rate: a send that only filled the socket
+    buffer says nothing about it."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO,
+                               TCP_INFO_DELIVERY_RATE_AT + TCP_INFO_DELIVERY_RATE.size)
+    except (OSError, AttributeError):
+        return None
+    if len(info) < TCP_INFO_DELIVERY_RATE_AT + TCP_INFO_DELIVERY_RATE.size:
+        return None
+    rate = TCP_INFO_DELIVERY_RATE.unpack_from(info, TCP_INFO_DELIVERY_RATE_AT)[0]
+    return float(rate) or None
+
+
 class SocketStream(Stream):
     """Messages over a connected socket; page data moves with hv._pages
     (writev/readv straight from/to guest memory, GIL released)."""
@@ -142,6 +162,9 @@ class SocketStream(Stream):
         self.rate = pages.Rate(rate_bytes_per_sec) if rate_bytes_per_sec else None
         self.bytes_out = 0
         self.bytes_in = 0
+
+    def link_rate(self) -> float | None:
+        return delivery_rate(self.sock)
 
     def write(self, data) -> None:
         try:
@@ -270,6 +293,9 @@ class TlsStream(Stream):
         self.bytes_out = 0
         self.bytes_in = 0
         self._buf = np.empty((TLS_BATCH_PAGES, page_size), dtype=np.uint8)
+
+    def link_rate(self) -> float | None:
+        return delivery_rate(self.sock)
 
     @property
     def timeout(self):
