@@ -360,6 +360,14 @@ class Receiver:
         self.stats["postcopy_zero_placed"] = server.zero_placed
         self.stats["postcopy_switch_ms"] = server.switch_ms
         server.start()
+        self._restore_and_resume()
+        self.resumed_at = time.monotonic()
+        self.stats["restore_ms"] = round((self.resumed_at - t0) * 1000, 3)
+        server.write(Header(Command.RUNNING, 0).pack())
+        if self.on_postcopy is not None:
+            self.on_postcopy(self)
+
+    def _restore_and_resume(self) -> None:
         if self.restore is not None:
             try:
                 self.restore(self.machine_state)
@@ -367,11 +375,6 @@ class Receiver:
                 raise MigrationError(f"restoring the machine state failed: {reason(e)}") from e
         if self.resume is not None:
             self.resume()
-        self.resumed_at = time.monotonic()
-        self.stats["restore_ms"] = round((self.resumed_at - t0) * 1000, 3)
-        server.write(Header(Command.RUNNING, 0).pack())
-        if self.on_postcopy is not None:
-            self.on_postcopy(self)
 
     def _postcopy_done(self, stream: Stream) -> None:
         """COMPLETE in postcopy: every page must be here; DONE tells the source."""
@@ -396,13 +399,7 @@ class Receiver:
         if self.machine_state is None:
             raise ProtocolError("COMPLETE before STATE")
         t0 = time.monotonic()
-        if self.restore is not None:
-            try:
-                self.restore(self.machine_state)
-            except Exception as e:
-                raise MigrationError(f"restoring the machine state failed: {reason(e)}") from e
-        if self.resume is not None:
-            self.resume()
+        self._restore_and_resume()
         self.stats["restore_ms"] = round((time.monotonic() - t0) * 1000, 3)
         self.completed_at = time.monotonic()
         stream.send(Control(Command.RUNNING))
