@@ -92,3 +92,193 @@ def test_one_report_from_hv_and_from_qemu():
             rh["pages_skipped_free"], rh["verified"]) == (2, [7000, 12], 1000, 50000, True)
     assert rh["throughput_mib_s"] == round(1000e6 / 8 / (1 << 20), 3)
     assert rq["setup_ms"] == 12 and rq["bytes_sent"] == 44 << 20
+
+
+# ------------------------------------------------ bench-migration's dirty workload
+
+def bench():
+    """scripts/bench-migration as a module (its pure logic: no guest)."""
+    import importlib.machinery
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "scripts", "bench-migration")
+    loader = importlib.machinery.SourceFileLoader("bench_migration", path)
+    spec = importlib.util.spec_from_loader("bench_migration", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+def dirty_row(cfg, status="completed", downtime=100.0, total=5000.0, **kw):
+    tool = cfg.split("-")[0]
+    r = {"config": cfg, "tool": tool, "status": status, "downtime_ms": downtime,
+         "total_time_ms": total, "bytes_sent": 80 << 20, "pages_sent": 20000,
+         "pages_skipped_free": 5000 if tool == "hv" else None, "pages_skipped_zero": 100,
+         "rounds": 12, "round_pages": [20000, 16000], "guest_alive_after": status == "completed",
+         "held_mib": 16, "mode": cfg.rsplit("-", 1)[1], "forced": False,
+         "throttle_max_pct": 0, "dirty_rates": [40000, 38000], "bandwidth_mib": 100,
+         "postcopy_requests": None, "postcopy_pages_requested": None,
+         "fault_latency_mean_ms": None, "fault_latency_max_ms": None}
+    r.update(kw)
+    return r
+
+
+def dirty_run(**over):
+    rows = {
+        "hv-bitmap-precopy": dirty_row("hv-bitmap-precopy", downtime=700.0, total=21000.0,
+                                       forced=True, rounds=32),
+        "hv-bitmap-converge": dirty_row("hv-bitmap-converge", downtime=120.0, total=9000.0,
+                                        throttle_max_pct=90, dirty_rates=[40000, 3000]),
+        "hv-bitmap-postcopy": dirty_row("hv-bitmap-postcopy", downtime=20.0, total=2000.0,
+                                        postcopy_requests=300, postcopy_pages_requested=310,
+                                        fault_latency_mean_ms=1.5, fault_latency_max_ms=6.0),
+        "qemu-hint-precopy": dirty_row("qemu-hint-precopy", downtime=900.0, total=25000.0,
+                                       forced=True),
+        "qemu-hint-converge": dirty_row("qemu-hint-converge", downtime=200.0, total=8000.0,
+                                        throttle_max_pct=99),
+        "qemu-hint-postcopy": dirty_row("qemu-hint-postcopy", downtime=30.0, total=2500.0,
+                                        postcopy_requests=500, postcopy_blocktime_ms=900),
+    }
+    for cfg, change in over.items():
+        if change is None:
+            del rows[cfg]
+        else:
+            rows[cfg].update(change)
+    return list(rows.values())
+
+
+def by_aim(rows):
+    return {a["aim"]: a for a in rows}
+
+
+def test_dirty_aims_from_one_run():
+    b = bench()
+    a = by_aim(b.aims(dirty_run(), "dirty"))
+    pre = a["precopy alone misses the downtime limit (hv)"]
+    assert (pre["value"], pre["met"], pre["unit"]) == (700.0, True, "ms")
+    ac = a["auto-converge completes within the downtime limit (hv)"]
+    assert (ac["value"], ac["met"]) == (120.0, True)
+    assert "throttle up to 90 %" in ac["how"] and "40000 -> 3000" in ac["how"]
+    assert a["postcopy downtime (hv)"]["met"] is True
+    lat = a["postcopy worst fault latency (hv)"]
+    assert (lat["value"], lat["met"]) == (6.0, True)
+    assert "900 ms" in lat["how"]                   # QEMU's blocktime beside it
+    # per mode, hv against QEMU: ratios, and 1.00x is the bar
+    down = a["precopy: downtime hv / QEMU"]
+    assert down["value"] == 700 / 900 and down["met"] is True and down["unit"] == "x"
+    tot = a["converge: total time hv / QEMU"]
+    assert tot["value"] == 9000 / 8000 and tot["met"] is False
+    assert a["postcopy: total time hv / QEMU"]["value"] == 2000 / 2500
+    assert len(a) == 4 + 2 * 3
+    # none of the other workloads' aims (hv-bitmap is not in this run)
+    assert not any("free page bitmap" in name for name in a)
+
+
+def test_dirty_aims_say_what_missed():
+    b = bench()
+    # precopy that converged after all: the guest did not outpace the link
+    a = by_aim(b.aims(dirty_run(**{"hv-bitmap-precopy": {"forced": False,
+                                                        "downtime_ms": 250.0}}), "dirty"))
+    assert a["precopy alone misses the downtime limit (hv)"]["met"] is False
+    # auto-converge paused anyway: not met even under the limit
+    a = by_aim(b.aims(dirty_run(**{"hv-bitmap-converge": {"forced": True,
+                                                         "downtime_ms": 280.0}}), "dirty"))
+    assert a["auto-converge completes within the downtime limit (hv)"]["met"] is False
+    a = by_aim(b.aims(dirty_run(**{"hv-bitmap-postcopy": {"downtime_ms": 51.0,
+                                                         "fault_latency_max_ms": 10.5}}),
+                      "dirty"))
+    assert a["postcopy downtime (hv)"]["met"] is False
+    assert a["postcopy worst fault latency (hv)"]["met"] is False
+    # a config that failed or did not run: not measured, and why
+    a = by_aim(b.aims(dirty_run(**{"qemu-hint-postcopy": {"status": "failed",
+                                                         "error": "no userfaultfd"},
+                                   "hv-bitmap-converge": None}), "dirty"))
+    assert a["postcopy: downtime hv / QEMU"]["value"] is None
+    assert "qemu-hint-postcopy did not complete" in a["postcopy: downtime hv / QEMU"]["how"]
+    assert "no userfaultfd" in a["postcopy: total time hv / QEMU"]["how"]
+    ac = a["auto-converge completes within the downtime limit (hv)"]
+    assert ac["met"] is None and ac["how"] == "hv-bitmap-converge not run"
+    # a postcopy without a single fault has no latency to judge
+    a = by_aim(b.aims(dirty_run(**{"hv-bitmap-postcopy": {"fault_latency_max_ms": None}}),
+                      "dirty"))
+    assert a["postcopy worst fault latency (hv)"]["met"] is None
+
+
+def test_dirty_aims_and_table_print():
+    b = bench()
+    rows = dirty_run(**{"qemu-hint-postcopy": {"status": "failed"}})
+    text = b.aims_text(b.aims(rows, "dirty"), "dirty")
+    assert "precopy alone misses the downtime limit (hv): 700.0 ms   aim > 300 ms" in text
+    assert "precopy: downtime hv / QEMU: 0.778x   aim <= 1.00x   met" in text
+    assert "converge: total time hv / QEMU: 1.125x   aim <= 1.00x   NOT MET" in text
+    assert "postcopy: downtime hv / QEMU: -   aim <= 1.00x   not measured" in text
+    # the main table has every row; the mode table is below it
+    main, modes = b.table(rows).split("\n\n")[:2]
+    main, modes = ({ln.split()[0]: ln for ln in t.splitlines()[1:]
+                    if ln.startswith(("hv-", "qemu-"))} for t in (main, modes))
+    assert set(main) == set(modes) == {r["config"] for r in rows}
+    assert main["qemu-hint-postcopy"].split()[1] == "failed"
+    assert modes["qemu-hint-postcopy"].split()[1:3] == ["postcopy", "failed"]
+    conv = modes["hv-bitmap-converge"]
+    assert "converge" in conv and "90 %" in conv and "40000 -> 3000" in conv
+    assert "310" in modes["hv-bitmap-postcopy"] and "1.50/6.00" in modes["hv-bitmap-postcopy"]
+    assert modes["hv-bitmap-precopy"].split()[5] == "yes"          # forced
+
+
+def test_mode_driver_gives_qemu_what_hv_does_by_itself():
+    b = bench()
+
+    def q(status, syncs, rate=0, throttle=None):
+        out = {"status": status, "ram": {"dirty-sync-count": syncs, "dirty-pages-rate": rate}}
+        if throttle is not None:
+            out["cpu-throttle-percentage"] = throttle
+        return out
+    # QEMU postcopy: migrate-start-postcopy once the bulk pass ended, once
+    d = b.ModeDriver("qemu", "postcopy")
+    assert d.observe(q("setup", 0)) == [] and d.observe(q("active", 1)) == []
+    assert d.observe(q("active", 2, 30000)) == [("migrate-start-postcopy", {})]
+    assert d.observe(q("active", 3, 30000)) == [] and d.observe(q("postcopy-active", 3)) == []
+    assert d.postcopy_asked_at == 2 and d.dirty_rates == [30000]
+    # QEMU precopy and auto-converge: the limit goes up after the rounds run out
+    for mode in ("precopy", "converge"):
+        d = b.ModeDriver("qemu", mode)
+        assert d.observe(q("active", b.GIVE_UP_ROUNDS + 1, 500, 20)) == []
+        assert d.observe(q("active", b.GIVE_UP_ROUNDS + 2, 400, 30)) == [
+            ("migrate-set-parameters", {"downtime-limit": b.QEMU_MAX_DOWNTIME_MS})]
+        assert d.observe(q("active", b.GIVE_UP_ROUNDS + 3, 400, 10)) == []
+        assert (d.forced_at, d.throttle_max, d.dirty_rates) == (b.GIVE_UP_ROUNDS + 2, 30,
+                                                                [500, 400])
+        assert b.mode_result({}, d, "qemu")["forced"] is True
+    # hv does both by itself: the driver only watches
+    d = b.ModeDriver("hv", "postcopy")
+    assert d.observe(q("active", 40, 100)) == [] and d.dirty_rates == [100]
+    warn = {b.PREFIX + "warning": "the guest did not converge: ...; paused anyway "
+                                  "(downtime_strategy \"force\")"}
+    assert b.mode_result(warn, d, "hv")["forced"] is True
+    assert b.mode_result({}, d, "hv")["forced"] is False
+    # and the other workloads' configs have no mode
+    assert b.ModeDriver("qemu", None).observe(q("active", 99)) == []
+    assert b.mode_of("qemu-hint") is None and b.mode_of("hv-bitmap-converge") == "converge"
+
+
+def test_mode_settings_are_the_same_modes_in_each_vmm():
+    b = bench()
+    P = b.PREFIX
+    assert b.mode_settings("hv", None) == ({}, {})
+    params, caps = b.mode_settings("hv", "precopy")
+    assert params == {P + "max-rounds": b.GIVE_UP_ROUNDS, P + "downtime-strategy": "force"}
+    assert caps == {}
+    params, caps = b.mode_settings("hv", "converge")
+    assert caps == {"auto-converge": True} and params["cpu-throttle-initial"] == 20
+    params, caps = b.mode_settings("qemu", "converge")
+    assert caps == {"auto-converge": True}
+    assert params == {"cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
+                      "max-cpu-throttle": 99}
+    assert b.mode_settings("hv", "postcopy") == ({P + "postcopy-after-rounds": 0},
+                                                 {"postcopy-ram": True})
+    assert b.mode_settings("qemu", "postcopy") == ({}, {"postcopy-ram": True})
+    # the dirty workload's guest: the writer in the background, the holder answers
+    import argparse
+    args = argparse.Namespace(disk_image=None, keep_mib=16, fill_mib=0, dirty_mib=64)
+    assert b.guest_command(args) == (f"hvmem dirty 64 {b.DIRTY_RATE} </dev/null & "
+                                     f"exec hvmem hold 16")

@@ -14,6 +14,13 @@ Fields (None where the VMM does not say):
   verified                                      hv --verify: hashes matched
   compression                                   hv: what compression did
   free_page_info                                hv: the free page bitmap's reply
+  cpu_throttle_pct                              auto-converge's throttle at the end, %
+  dirty_pages_rate                              pages dirtied a second (last measured)
+  postcopy                                      the migration switched to postcopy
+  postcopy_requests                             page requests the source served
+  postcopy_pages_requested                      hv: pages fetched on demand
+  fault_latency_mean_ms, fault_latency_max_ms   hv: the destination's page faults,
+                                                fault to page in place
 """
 
 from __future__ import annotations
@@ -24,7 +31,9 @@ PAGE = 4096
 FIELDS = ("status", "error", "total_time_ms", "setup_ms", "downtime_ms", "bytes_sent",
           "throughput_mib_s", "pages_total", "pages_sent", "pages_skipped_free",
           "pages_skipped_zero", "rounds", "round_pages", "verified", "compression",
-          "free_page_info")
+          "free_page_info", "cpu_throttle_pct", "dirty_pages_rate", "postcopy",
+          "postcopy_requests", "postcopy_pages_requested", "fault_latency_mean_ms",
+          "fault_latency_max_ms")
 
 
 def from_query_migrate(q: dict) -> dict:
@@ -53,4 +62,13 @@ def from_query_migrate(q: dict) -> dict:
         "verified": q.get(PREFIX + "verified"),
         "compression": q.get(PREFIX + "compression"),
         "free_page_info": q.get(PREFIX + "free-page-info"),
+        "cpu_throttle_pct": q.get("cpu-throttle-percentage"),
+        "dirty_pages_rate": ram.get("dirty-pages-rate"),
+        # QEMU says postcopy by its bytes; hv by its figures as well
+        "postcopy": bool(ram.get("postcopy-bytes") or ram.get("postcopy-requests")
+                         or q.get(PREFIX + "postcopy-pages") is not None),
+        "postcopy_requests": ram.get("postcopy-requests"),
+        "postcopy_pages_requested": q.get(PREFIX + "postcopy-pages-requested"),
+        "fault_latency_mean_ms": q.get(PREFIX + "postcopy-fault-latency-mean-ms"),
+        "fault_latency_max_ms": q.get(PREFIX + "postcopy-fault-latency-max-ms"),
     }
