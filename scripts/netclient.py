@@ -227,8 +227,8 @@ class EchoClient:
     def stats(self, t0: float | None = None, t1: float | None = None) -> dict:
         """The requests sent in [t0, t1) (monotonic; None: unbounded): how
         many, answered, errors (those seen in the interval, and after stop()
-        its requests never answered: lost), and the longest latency with the
-        time its request was sent."""
+        its requests never answered: lost), the longest latency with the
+        time its request was sent, and the median latency."""
         with self._lock:
             sent = list(self.sent)
             answered = dict(self.answered)
@@ -238,6 +238,7 @@ class EchoClient:
             return (t0 is None or t >= t0) and (t1 is None or t < t1)
         idx = [i for i, t in enumerate(sent) if inside(t)]
         worst, worst_at = 0.0, None
+        waits = sorted(answered[i] - sent[i] for i in idx if i in answered)
         for i in idx:
             if i in answered and answered[i] - sent[i] > worst:
                 worst, worst_at = answered[i] - sent[i], sent[i]
@@ -253,6 +254,7 @@ class EchoClient:
             "error_list": errs[:KEEP_ERRORS],
             "longest_stall_ms": round(worst * 1000, 1) if worst_at is not None else None,
             "longest_stall_sent_at": worst_at,
+            "median_ms": round(waits[len(waits) // 2] * 1000, 1) if waits else None,
             "last_answered_sent_at": max((sent[i] for i in idx if i in answered), default=None),
         }
 
