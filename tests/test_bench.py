@@ -222,7 +222,7 @@ def test_dirty_aims_and_table_print():
     conv = modes["hv-bitmap-converge"]
     assert "converge" in conv and "90 %" in conv and "40000 -> 3000" in conv
     assert "310" in modes["hv-bitmap-postcopy"] and "1.50/6.00" in modes["hv-bitmap-postcopy"]
-    assert modes["hv-bitmap-precopy"].split()[5] == "yes"          # forced
+    assert modes["hv-bitmap-precopy"].split()[6] == "yes"          # forced
 
 
 def test_mode_driver_gives_qemu_what_hv_does_by_itself():
