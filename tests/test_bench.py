@@ -282,3 +282,53 @@ def test_mode_settings_are_the_same_modes_in_each_vmm():
     args = argparse.Namespace(disk_image=None, keep_mib=16, fill_mib=0, dirty_mib=64)
     assert b.guest_command(args) == (f"hvmem dirty 64 {b.DIRTY_RATE} </dev/null & "
                                      f"exec hvmem hold 16")
+
+
+def test_downtime_from_the_events_of_both_vmms():
+    b = bench()
+
+    def ev(name, t):
+        return {"event": name, "timestamp": {"seconds": int(t), "microseconds":
+                                             round((t - int(t)) * 1e6)}}
+    # a pause rolled back (STOP, RESUME on the source), then the real one
+    src = [ev("STOP", 100.0), ev("RESUME", 100.2), ev("STOP", 101.5), ev("SHUTDOWN", 103.0)]
+    dst = [ev("RESUME", 101.5405), ev("STOP", 110.0), ev("RESUME", 111.0)]
+    assert b.paused_ms(src, dst) == 40.5
+    assert b.paused_ms(src, []) is None
+    assert b.paused_ms([ev("STOP", 120.0)], dst) is None      # no stop before the resume
+    # the aims compare the events' downtime when both have it
+    rows = dirty_run(**{"hv-bitmap-postcopy": {"paused_ms": 45.0},
+                        "qemu-hint-postcopy": {"paused_ms": 60.0}})
+    a = by_aim(b.aims(rows, "dirty"))["postcopy: downtime hv / QEMU"]
+    assert a["value"] == 45 / 60 and a["met"] and "STOP to destination RESUME" in a["how"]
+    a = by_aim(b.aims(dirty_run(), "dirty"))["postcopy: downtime hv / QEMU"]
+    assert a["value"] == 20 / 30 and "as each VMM reports it" in a["how"]
+
+
+def test_tls_aims():
+    b = bench()
+
+    def row(cfg, total, sent, bulk=None, status="completed"):
+        return {"config": cfg, "tool": cfg.split("-")[0], "status": status,
+                "total_time_ms": total, "bytes_sent": sent, "bulk_mib_s": bulk}
+    rows = [row("hv-bitmap", 100.0, 30 << 20, 800.0), row("hv-bitmap-tls", 150.0, 30 << 20, 400.0),
+            row("hv-off", 100.0, 80 << 20, 900.0), row("hv-off-tls", 200.0, 80 << 20, 600.0),
+            row("qemu-hint", 170.0, 56 << 20), row("qemu-hint-tls", 300.0, 56 << 20)]
+    a = by_aim(b.tls_aims(rows))
+    assert a["TLS throughput vs plain (hv-bitmap)"]["value"] == 0.5
+    assert a["TLS throughput vs plain (hv-bitmap)"]["met"] is False
+    assert a["TLS throughput vs plain (hv-off)"]["met"] is True
+    # against QEMU: bytes on the wire over the whole migration, the same for both
+    thr = a["TLS throughput vs QEMU TLS"]
+    assert thr["value"] == b.wire_mib_s(rows[1]) / b.wire_mib_s(rows[5])
+    assert b.wire_mib_s(rows[1]) == 200.0 and thr["met"] is True
+    tot = a["TLS total time vs QEMU TLS"]
+    assert tot["value"] == 0.5 and tot["met"] is True
+    # the TLS aims are part of any workload's aims; without TLS there are none
+    dirty = dirty_run() + [dict(r, config=r["config"] + "-tls")
+                           for r in dirty_run()[:1]]
+    assert "TLS throughput vs plain (hv-bitmap-precopy)" in by_aim(b.aims(dirty, "dirty"))
+    assert b.tls_aims(rows[:1] + rows[4:5]) == []
+    rows[5]["status"] = "failed"
+    a = by_aim(b.tls_aims(rows))
+    assert a["TLS total time vs QEMU TLS"]["met"] is None
