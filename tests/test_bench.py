@@ -332,3 +332,16 @@ def test_tls_aims():
     rows[5]["status"] = "failed"
     a = by_aim(b.tls_aims(rows))
     assert a["TLS total time vs QEMU TLS"]["met"] is None
+
+
+def test_hv_dirty_rate_from_its_rounds():
+    b = bench()
+    rounds = [{"round": 0, "pages": 20000, "ms": 800.0},
+              {"round": 1, "dirty_pages": 12000, "pages": 12000, "ms": 2000.0},
+              {"round": 2, "dirty_pages": 16000, "pages": 16000, "ms": 2500.0},
+              {"round": 3, "dirty_pages": 16384, "final": True, "ms": 2600.0}]
+    assert b.round_rates(rounds) == [15000, 8000]
+    assert b.round_rates([rounds[0], dict(rounds[1], postcopy=True)]) == []
+    d = b.ModeDriver("hv", "converge")
+    r = b.mode_result({b.PREFIX + "rounds": rounds, "cpu-throttle-percentage": 40}, d, "hv")
+    assert r["dirty_rates"] == [15000, 8000] and r["throttle_max_pct"] == 40
