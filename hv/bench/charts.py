@@ -74,9 +74,9 @@ def bytes_and_time(rows: list[dict], path: str, title: str) -> str:
     a2.legend(fontsize=8)
     for ax in (a1, a2):
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
-    a1.bar([], [], color="tab:blue", label="hv")
-    a1.bar([], [], color="tab:orange", label="QEMU 7.2")
-    a1.legend(fontsize=8)
+    from matplotlib.patches import Patch
+    a1.legend(handles=[Patch(color="tab:blue", label="hv"),
+                       Patch(color="tab:orange", label="QEMU 7.2")], fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
 
