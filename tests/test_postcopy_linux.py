@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 
 import pytest
 
@@ -53,9 +54,11 @@ def test_linux_guest_moves_in_postcopy_without_fetching_a_free_page(linux_images
             "--kernel", kernel, "--initrd", initrd, "--mem", str(MEM_MIB), "--balloon",
             "--incoming", f"tcp:127.0.0.1:{port}", "--control", sock], logdir, sock)
         dst.wait_for("listening", 60)
+        # 4 MiB/s: the background push of what is left after the switch takes
+        # about a second, so the writer surely touches pages not there yet
         mig = Migration(src, MigrationParams(
             uri=f"tcp:127.0.0.1:{port}", free_pages="bitmap", postcopy=True,
-            postcopy_after_rounds=0, max_bandwidth_mib=32, downtime_ms=30, verify=True,
+            postcopy_after_rounds=0, max_bandwidth_mib=4, downtime_ms=30, verify=True,
             shutdown_source=False))
         mig.run()
         q = mig.query()
@@ -74,8 +77,13 @@ def test_linux_guest_moves_in_postcopy_without_fetching_a_free_page(linux_images
         free_untouched, _ = pages.andnot(mig._skipped_free, mig._ever_dirty)
         assert pages.count(pc.requested) > 0
         assert pages.count(pc.requested & free_untouched) == 0
+        # DONE ends the source's migration; the destination reports completed a
+        # moment later, once its connections have closed
         with H.control(sock, 30) as c:
-            info = c.execute("query-migrate")
+            deadline = time.monotonic() + 30
+            while (info := c.execute("query-migrate"))["status"] != "completed" \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
         assert info["status"] == "completed", info
         assert info[PREFIX + "postcopy-missing"] == 0
         assert info[PREFIX + "postcopy-requests"] == q["postcopy_faults"]

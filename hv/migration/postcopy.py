@@ -75,9 +75,12 @@ def _check(r: int, what: str) -> int:
     return r
 
 
-def done_message(st) -> Control:
-    """DONE with the destination's fault figures (hv_postcopy_stats)."""
-    return Control(Command.DONE, DONE.pack(st.requests, st.latency_sum_ns, st.latency_max_ns,
+def done_message(st, requests: int | None = None) -> Control:
+    """DONE with the destination's fault figures (hv_postcopy_stats);
+    requests, when given, is the count the destination reports itself, read
+    once, so that both ends say the same number."""
+    return Control(Command.DONE, DONE.pack(st.requests if requests is None else requests,
+                                           st.latency_sum_ns, st.latency_max_ns,
                                            st.latency_count))
 
 

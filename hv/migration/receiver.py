@@ -380,8 +380,8 @@ class Receiver:
         """COMPLETE in postcopy: every page must be here; DONE tells the source."""
         if self.require_verify and not self.verified:
             raise MigrationError("verification was required but the source sent no VERIFY")
-        done = done_message(self.server.pc.st)
         self.stats["postcopy"] = self.server.stats()
+        done = done_message(self.server.pc.st, self.stats["postcopy"]["requests"])
         self.server.finish()
         self.completed_at = time.monotonic()
         stream.send(done)
