@@ -32,12 +32,33 @@ def new_machine(images, console, ring: bool, boot=False):
     return m
 
 
+def machine_said(g) -> str:
+    """What a failed wait shows: the machine's run state, why it ended, and
+    the end of the console."""
+    m = g["machine"]
+    return (f"machine {m.status} (shutdown reason {m.shutdown_reason!r}, error {m.error!r}, "
+            f"exits {dict(m.exit_counts)}); console tail:\n{g['console'].text[-3000:]}")
+
+
+def type_line(g, command: str) -> int:
+    """Type command and a newline on the console; returns the console mark
+    from before it."""
+    mark = g["console"].mark()
+    try:
+        g["machine"].console_input(command.encode() + b"\n")
+    except Exception as e:
+        raise AssertionError(f"typing {command!r}: {e}; {machine_said(g)}") from e
+    return mark
+
+
 def shell(g, command: str, answer: str, timeout=300) -> str:
     """Type command; the first whole line starting with answer (split the
     answer in the command, "ans""wer", so that its echo does not match)."""
-    mark = g["console"].mark()
-    g["machine"].console_input(command.encode() + b"\n")
-    return g["console"].wait_line(answer, timeout, mark)
+    mark = type_line(g, command)
+    try:
+        return g["console"].wait_line(answer, timeout, mark)
+    except TimeoutError:
+        raise AssertionError(f"no line {answer!r}... within {timeout} s; {machine_said(g)}")
 
 
 def shell_number(g, command: str, prefix: str, timeout=300) -> int:
@@ -47,8 +68,7 @@ def shell_number(g, command: str, prefix: str, timeout=300) -> int:
     and says so on stdout."""
     pattern = re.compile(re.escape(prefix) + r"(\d*)\r?\n")
     for attempt in range(2):
-        mark = g["console"].mark()
-        g["machine"].console_input(command.encode() + b"\n")
+        mark = type_line(g, command)
         deadline = time.monotonic() + timeout
         while True:
             m = pattern.search(g["console"].text[mark:])
@@ -58,7 +78,8 @@ def shell_number(g, command: str, prefix: str, timeout=300) -> int:
                 print(f"\n{command!r} answered {m.group(0)!r}; console since: "
                       f"{g['console'].text[mark:][-400:]!r}")
                 break
-            assert time.monotonic() < deadline, f"no {prefix}N within {timeout} s"
+            assert time.monotonic() < deadline, \
+                f"no {prefix}N within {timeout} s; {machine_said(g)}"
             time.sleep(0.05)
     raise AssertionError(f"{command!r}: no {prefix}N, twice")
 
