@@ -16,8 +16,9 @@ Each request is a 32-byte record carrying its sequence number and a pattern
 derived from it; the echo must bring every record back whole, once and in
 order. Anything else is an error: a record that is wrong, lost (no answer
 by the end), duplicated or out of order, and a connection that is reset
-or closed. A request's latency runs from its send to the arrival of its
-whole echo; the longest is the stall a user of the service saw.
+or closed. A request's wait runs from its send to the arrival of its
+whole echo; a stall is a time the client waited while no answer came (a
+guest slower than the requests answers late but steadily: no stall).
 """
 
 from __future__ import annotations
@@ -227,8 +228,10 @@ class EchoClient:
     def stats(self, t0: float | None = None, t1: float | None = None) -> dict:
         """The requests sent in [t0, t1) (monotonic; None: unbounded): how
         many, answered, errors (those seen in the interval, and after stop()
-        its requests never answered: lost), the longest latency with the
-        time its request was sent, and the median latency."""
+        its requests never answered: lost); the longest stall, the longest
+        time the client waited with no answer arriving (from a request's
+        send, or the previous answer if that came later) and when it began;
+        the longest and the median time from a request to its answer."""
         with self._lock:
             sent = list(self.sent)
             answered = dict(self.answered)
@@ -240,8 +243,13 @@ class EchoClient:
         worst, worst_at = 0.0, None
         waits = sorted(answered[i] - sent[i] for i in idx if i in answered)
         for i in idx:
-            if i in answered and answered[i] - sent[i] > worst:
-                worst, worst_at = answered[i] - sent[i], sent[i]
+            if i not in answered:
+                continue
+            # waiting with nothing arriving: since the request went out, or
+            # since the answer before it came (a backlog is not a stall)
+            since = max(sent[i], answered.get(i - 1, sent[i]))
+            if answered[i] - since > worst:
+                worst, worst_at = answered[i] - since, since
         errs = [w for t, w in errors if inside(t)]
         n_answered = sum(1 for i in idx if i in answered)
         lost = len(idx) - n_answered if self.stopped else 0
@@ -254,6 +262,7 @@ class EchoClient:
             "error_list": errs[:KEEP_ERRORS],
             "longest_stall_ms": round(worst * 1000, 1) if worst_at is not None else None,
             "longest_stall_sent_at": worst_at,
+            "longest_wait_ms": round(waits[-1] * 1000, 1) if waits else None,
             "median_ms": round(waits[len(waits) // 2] * 1000, 1) if waits else None,
             "last_answered_sent_at": max((sent[i] for i in idx if i in answered), default=None),
         }
