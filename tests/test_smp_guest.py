@@ -3,7 +3,9 @@ in-kernel LAPIC), user work pinned to each runs there, and the guest
 migrates with a writer on each CPU, with KVM's bitmap and with per-vCPU
 dirty rings, verified."""
 
+import bisect
 import re
+import subprocess
 import time
 
 import pytest
@@ -32,12 +34,46 @@ def new_machine(images, console, ring: bool, boot=False):
     return m
 
 
+def kernel_symbol(kernel: str, addr: int) -> str:
+    """The function of the guest kernel that holds addr (nm's table)."""
+    out = subprocess.run(["nm", "-n", kernel], capture_output=True, text=True).stdout
+    syms = [(int(a, 16), name) for a, kind, name in
+            (line.split() for line in out.splitlines() if line.count(" ") == 2)
+            if kind in "tTwW"]
+    i = bisect.bisect_right([a for a, _ in syms], addr) - 1
+    return f"{syms[i][1]}+{addr - syms[i][0]:#x}" if i >= 0 else hex(addr)
+
+
+def where_vcpus_run(g, samples=5) -> list[str]:
+    """Where each vCPU is, a few times 0.2 s apart (paused and resumed around
+    each look): a guest that stopped answering shows whether its CPUs are
+    idle, spinning, or stuck in one place."""
+    m, kernel = g["machine"], g["images"][0]
+    seen = []
+    for _ in range(samples):
+        m.pause()
+        try:
+            regs = m.on_each_vcpu(lambda v: v.get_regs())
+        finally:
+            m.resume()
+        seen.append(", ".join(f"cpu{i} {kernel_symbol(kernel, r['rip'])} if={r['rflags'] >> 9 & 1}"
+                              for i, r in enumerate(regs)))
+        time.sleep(0.2)
+    return seen
+
+
 def machine_said(g) -> str:
-    """What a failed wait shows: the machine's run state, why it ended, and
-    the end of the console."""
+    """What a failed wait shows: the machine's run state, why it ended, where
+    its vCPUs run, and the end of the console."""
     m = g["machine"]
+    where = ""
+    if m.status == "running":
+        try:
+            where = "; vCPUs at: " + " | ".join(where_vcpus_run(g))
+        except Exception as e:      # the diagnosis must not hide the failure
+            where = f"; vCPUs not sampled: {e}"
     return (f"machine {m.status} (shutdown reason {m.shutdown_reason!r}, error {m.error!r}, "
-            f"exits {dict(m.exit_counts)}); console tail:\n{g['console'].text[-3000:]}")
+            f"exits {dict(m.exit_counts)}){where}; console tail:\n{g['console'].text[-3000:]}")
 
 
 def type_line(g, command: str) -> int:
