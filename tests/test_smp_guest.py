@@ -4,6 +4,7 @@ migrates with a writer on each CPU, with KVM's bitmap and with per-vCPU
 dirty rings, verified."""
 
 import bisect
+import functools
 import re
 import subprocess
 import time
@@ -34,14 +35,21 @@ def new_machine(images, console, ring: bool, boot=False):
     return m
 
 
-def kernel_symbol(kernel: str, addr: int) -> str:
-    """The function of the guest kernel that holds addr (nm's table)."""
+@functools.lru_cache(maxsize=None)
+def kernel_functions(kernel: str) -> tuple[list[int], list[str]]:
+    """The guest kernel's function addresses (sorted) and names, from nm."""
     out = subprocess.run(["nm", "-n", kernel], capture_output=True, text=True).stdout
     syms = [(int(a, 16), name) for a, kind, name in
             (line.split() for line in out.splitlines() if line.count(" ") == 2)
             if kind in "tTwW"]
-    i = bisect.bisect_right([a for a, _ in syms], addr) - 1
-    return f"{syms[i][1]}+{addr - syms[i][0]:#x}" if i >= 0 else hex(addr)
+    return [a for a, _ in syms], [name for _, name in syms]
+
+
+def kernel_symbol(kernel: str, addr: int) -> str:
+    """The function of the guest kernel that holds addr."""
+    addrs, names = kernel_functions(kernel)
+    i = bisect.bisect_right(addrs, addr) - 1
+    return f"{names[i]}+{addr - addrs[i]:#x}" if i >= 0 else hex(addr)
 
 
 def where_vcpus_run(g, samples=5) -> list[str]:
