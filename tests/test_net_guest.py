@@ -6,7 +6,6 @@ Topology (one fresh namespace): br0 10.79.0.1/24 with tapa (source) and
 tapb (destination) enslaved; the guest's eth0 is 10.79.0.10/24.
 """
 
-import ctypes
 import os
 import shutil
 import socket
@@ -17,6 +16,7 @@ import pytest
 
 from conftest import Console
 from loopback import migrate_over_loopback
+from netclient import InNs  # scripts/netclient.py: this thread in a namespace
 from hv.images import exec_arg
 
 pytestmark = [pytest.mark.kvm, pytest.mark.linux]
@@ -25,30 +25,6 @@ MAC = "52:54:00:4e:45:54"
 GUEST_IP, HOST_IP = "10.79.0.10", "10.79.0.1"
 COMMAND = (f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up && "
            "echo hv-net: up && exec nc -ll -p 7 -e cat")
-
-
-def _setns(fd):
-    if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-        raise OSError(ctypes.get_errno(), "setns")
-
-
-class InNs:
-    """Run this thread inside the namespace (fds opened there stay there)."""
-
-    def __init__(self, ns):
-        self.ns = ns
-
-    def __enter__(self):
-        self.own = os.open("/proc/self/ns/net", os.O_RDONLY)
-        fd = os.open(f"/run/netns/{self.ns}", os.O_RDONLY)
-        try:
-            _setns(fd)
-        finally:
-            os.close(fd)
-
-    def __exit__(self, *exc):
-        _setns(self.own)
-        os.close(self.own)
 
 
 def sh(*args):

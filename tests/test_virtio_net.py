@@ -11,6 +11,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from netclient import InNs  # scripts/netclient.py: this thread in a namespace
 
 from hv.devices import DeviceStateError
 from hv.devices.virtio import mmio as r
@@ -229,12 +230,6 @@ def test_malformed_chains_need_reset_or_work(queue, bufs):
 
 
 # -- a real tap ------------------------------------------------------------------------------
-def _setns(fd):
-    import ctypes
-    if ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
-        raise OSError(ctypes.get_errno(), "setns")
-
-
 def _ns_ok():
     return os.geteuid() == 0 and os.path.exists("/dev/net/tun") and shutil.which("ip")
 
@@ -248,17 +243,10 @@ def test_real_tap_frames_both_ways():
                        check=True)
         subprocess.run(["ip", "-n", ns, "link", "set", "tap0", "up"], check=True)
         # Open the tap and a packet socket on its host side inside the namespace.
-        fd_ns = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-        own = os.open("/proc/self/ns/net", os.O_RDONLY)
-        _setns(fd_ns)
-        try:
+        with InNs(ns):
             tapfd = N.open_tap("tap0")
             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
             s.bind(("tap0", 0))
-        finally:
-            _setns(own)
-            os.close(fd_ns)
-            os.close(own)
         rg = Rig(fd=tapfd)
         try:
             s.settimeout(2)
