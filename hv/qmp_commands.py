@@ -74,6 +74,7 @@ CAPABILITIES = {"events": False, "multifd": False, "auto-converge": False,
 PARAMETER_FIELDS = {
     "downtime-limit": "downtime_ms",
     "max-bandwidth": "max_bandwidth_mib",
+    "max-postcopy-bandwidth": "max_postcopy_bandwidth_mib",
     "multifd-channels": "connections",
     PREFIX + "free-pages": "free_pages",
     PREFIX + "verify": "verify",
@@ -96,6 +97,7 @@ PARAMETER_FIELDS = {
 }
 PARAMETER_TYPES = {
     "downtime-limit": "int", "max-bandwidth": "int", "multifd-channels": "int",
+    "max-postcopy-bandwidth": "int",
     PREFIX + "free-pages": "str", PREFIX + "verify": "bool", PREFIX + "dirty-log": "str",
     PREFIX + "max-rounds": "int", PREFIX + "downtime-strategy": "str",
     PREFIX + "hint-wait-ms": "int", PREFIX + "drop-cache": "str",
@@ -120,6 +122,7 @@ def _defaults() -> dict:
     return {
         "downtime-limit": int(d.downtime_ms),
         "max-bandwidth": int(d.max_bandwidth_mib * MIB),    # 0: no limit
+        "max-postcopy-bandwidth": int(d.max_postcopy_bandwidth_mib * MIB),
         "multifd-channels": 2,                              # QEMU's default
         PREFIX + "verify": d.verify,
         PREFIX + "dirty-log": d.dirty_log,
@@ -362,8 +365,8 @@ class QemuMonitor:
         for name, value in parameters.items():
             if name in TLS_PARAMETERS:
                 continue
-            if name == "max-bandwidth" and isinstance(value, int) \
-                    and not isinstance(value, bool):
+            if name in ("max-bandwidth", "max-postcopy-bandwidth") \
+                    and isinstance(value, int) and not isinstance(value, bool):
                 value = value / MIB             # bytes/s -> MiB/s
             if name == "multifd-channels" and not capabilities.get("multifd"):
                 continue                        # one connection without multifd

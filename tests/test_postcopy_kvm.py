@@ -31,7 +31,7 @@ pytestmark = pytest.mark.kvm
 
 #: slow enough that the guest faults before the background push reaches its pages
 POSTCOPY = dict(free_pages="off", postcopy=True, postcopy_after_rounds=0,
-                max_bandwidth_mib=16, downtime_ms=20)
+                max_bandwidth_mib=16, max_postcopy_bandwidth_mib=16, downtime_ms=20)
 
 
 @pytest.fixture
@@ -118,8 +118,8 @@ def test_migrate_start_postcopy_switches_a_migration_that_does_not_converge(mach
 
 def start_postcopy_to(dst_uri: str, src, rate_mib: float = 2) -> Migration:
     """A postcopy migration slow enough to be caught in postcopy-active."""
-    mig = Migration(src, MigrationParams(uri=dst_uri, **dict(POSTCOPY,
-                                                             max_bandwidth_mib=rate_mib)))
+    mig = Migration(src, MigrationParams(uri=dst_uri, **dict(
+        POSTCOPY, max_bandwidth_mib=rate_mib, max_postcopy_bandwidth_mib=rate_mib)))
     mig.start()
     deadline = time.monotonic() + 30
     while mig.query()["status"] != "postcopy-active":

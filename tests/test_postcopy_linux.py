@@ -58,7 +58,8 @@ def test_linux_guest_moves_in_postcopy_without_fetching_a_free_page(linux_images
         # about a second, so the writer surely touches pages not there yet
         mig = Migration(src, MigrationParams(
             uri=f"tcp:127.0.0.1:{port}", free_pages="bitmap", postcopy=True,
-            postcopy_after_rounds=0, max_bandwidth_mib=4, downtime_ms=30, verify=True,
+            postcopy_after_rounds=0, max_bandwidth_mib=4, max_postcopy_bandwidth_mib=4,
+            downtime_ms=30, verify=True,
             shutdown_source=False))
         mig.run()
         q = mig.query()

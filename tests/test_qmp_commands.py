@@ -30,13 +30,16 @@ def run(cmds, name, args=None):
 
 def test_parameters_map_onto_migration_params(monitor):
     mon, cmds, machine, _ = monitor
+    assert run(cmds, "query-migrate-parameters")["max-postcopy-bandwidth"] == 0   # unlimited
     run(cmds, "migrate-set-parameters", {"downtime-limit": 120, "max-bandwidth": 64 << 20,
+                                         "max-postcopy-bandwidth": 32 << 20,
                                          "multifd-channels": 4, PREFIX + "free-pages": "hint",
                                          PREFIX + "verify": True, PREFIX + "max-rounds": 3})
     hv = mon._hv_args(mon.parameters, mon.capabilities, "tcp:127.0.0.1:1")
     p = MigrationParams.from_args(hv)
     assert (p.downtime_ms, p.max_bandwidth_mib, p.connections, p.free_pages, p.verify,
             p.max_rounds, p.shutdown_source) == (120, 64.0, 1, "hint", True, 3, False)
+    assert p.max_postcopy_bandwidth_mib == 32.0
     run(cmds, "migrate-set-capabilities", {"capabilities": [
         {"capability": "multifd", "state": True}]})
     p = MigrationParams.from_args(mon._hv_args(mon.parameters, mon.capabilities, "tcp:h:1"))

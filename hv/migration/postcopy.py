@@ -374,8 +374,7 @@ class PostcopySource:
         self.remaining = fetch.copy()
         self.left = pages.count(fetch)
         self.requested = pages.empty_bitmap(self.npages)
-        rate = getattr(stream, "rate", None)
-        self.batch = batch_pages(rate.c.bytes_per_sec if rate is not None else 0)
+        self.batch = batch_pages(migration.p.max_postcopy_bandwidth_mib * (1 << 20))
         self.running = threading.Event()    # RUNNING arrived
         self.running_at: float | None = None
         self.done: dict | None = None

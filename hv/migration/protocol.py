@@ -455,6 +455,10 @@ class Stream:
         a TCP stream, or not known yet)."""
         return None
 
+    def set_rate(self, bytes_per_sec: int) -> None:
+        """A new max_bandwidth for the sends that follow (0: unlimited); a
+        stream with no rate limit has nothing to change."""
+
     # -- messages --------------------------------------------------------
     def send(self, msg, mem=None) -> int:
         """Send a Hello, Ranges or Control. Ranges of MEMORY take their data

@@ -98,7 +98,12 @@ class MigrationParams:
     free_pages: str = "bitmap"          # FREE_PAGE_MODES
     downtime_ms: float = 300.0
     downtime_strategy: str = "cancel"   # DOWNTIME_STRATEGIES
-    max_bandwidth_mib: float = 0.0      # MiB/s over all connections; 0 = unlimited
+    max_bandwidth_mib: float = 0.0      # MiB/s over all connections; 0 = unlimited.
+                                        # Only while the guest runs: paused (the
+                                        # stop-and-copy), it goes as fast as the link
+                                        # does, as QEMU's does
+    max_postcopy_bandwidth_mib: float = 0.0     # postcopy's background push (QEMU's
+                                                # max-postcopy-bandwidth); 0 = unlimited
     connections: int = 1
     max_rounds: int = 30
     verify: bool = False
@@ -144,6 +149,7 @@ class MigrationParams:
         "downtime_ms": (params.number, 1, MAX_DOWNTIME_MS),
         "downtime_strategy": (params.choice, DOWNTIME_STRATEGIES),
         "max_bandwidth_mib": (params.number, 0, 1 << 30),
+        "max_postcopy_bandwidth_mib": (params.number, 0, 1 << 30),
         "connections": (params.integer, 1, 64),
         "max_rounds": (params.integer, 0, 100_000),
         "verify": (params.boolean,),
@@ -686,6 +692,8 @@ class Migration:
         # pages' bytes a second: what the downtime estimates need, also when
         # compression puts fewer bytes on the wire than the pages hold
         bw = max(rnd["bytes"], rnd["pages"] * PAGE_SIZE) / dt
+        if rnd.get("final"):
+            return self._bw     # sent without max_bandwidth: says nothing of the rounds'
         if rnd["bytes"] >= 1 << 20 or self._bw == 0:
             self._bw = max(bw, 1.0)
             with self._lock:
@@ -966,9 +974,8 @@ class Migration:
         for extra in self.streams[1:]:
             extra.send(Control(Command.COMPLETE))
         st0 = self.streams[0]
-        if st0.rate is not None:
-            # from now on everything goes over connection 0, at the whole bandwidth
-            st0.rate.c.bytes_per_sec = int(p.max_bandwidth_mib * (1 << 20))
+        # from now on everything goes over connection 0
+        st0.set_rate(int(p.max_postcopy_bandwidth_mib * (1 << 20)))
         s, c = pages.all_runs(fetch, self.npages)
         sent = st0.send(Ranges(Command.POSTCOPY, s, c))
         sent += st0.send(state_message(machine_state))
@@ -1069,6 +1076,9 @@ class Migration:
                 self.s.expected_downtime_ms = round(expected_ms, 3)
             return last
 
+        # The guest waits on every byte from here on: no max_bandwidth
+        for st_ in self.streams:
+            st_.set_rate(0)
         rnd = self._new_round(number + 1)
         rnd["dirty_pages"] = n_last
         rnd["final"] = True

@@ -166,6 +166,10 @@ class SocketStream(Stream):
     def link_rate(self) -> float | None:
         return delivery_rate(self.sock)
 
+    def set_rate(self, bytes_per_sec: int) -> None:
+        """A new max_bandwidth for the sends that follow (0: unlimited)."""
+        self.rate = pages.Rate(bytes_per_sec) if bytes_per_sec else None
+
     def write(self, data) -> None:
         try:
             self._pages.send_all(self.fd, data, self.rate, self.timeout)
@@ -296,6 +300,10 @@ class TlsStream(Stream):
 
     def link_rate(self) -> float | None:
         return delivery_rate(self.sock)
+
+    def set_rate(self, bytes_per_sec: int) -> None:
+        """A new max_bandwidth for the sends that follow (0: unlimited)."""
+        self.rate = _Bucket(bytes_per_sec) if bytes_per_sec else None
 
     @property
     def timeout(self):
