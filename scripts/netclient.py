@@ -11,6 +11,7 @@ calling thread, and a socket stays in the namespace it was made in.
     c.stop()                        # waits for the answers still due
     c.stats(t0, t1)                 # the requests sent in [t0, t1)
     ping(ns, "10.78.0.10")          # {"sent": 3, "received": 3, "rtt_ms": [...]}
+    read_rate(ns, "10.78.0.10", 9, 3.0)     # what the guest sends, MiB/s
 
 Each request is a 32-byte record carrying its sequence number and a pattern
 derived from it; the echo must bring every record back whole, once and in
@@ -85,6 +86,54 @@ def parse_seq(rec: bytes) -> int | None:
         return None
 
 
+def connect_in(ns: str, ip: str, port: int, timeout: float, what: str) -> socket.socket:
+    """A TCP connection from namespace ns to ip:port, retried while nothing
+    listens there yet or the guest is not reachable yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = None
+        try:
+            with InNs(ns):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.settimeout(min(10.0, max(1.0, deadline - time.monotonic())))
+            s.connect((ip, port))
+            return s
+        except OSError as e:   # refused, unreachable, timed out
+            if s is not None:
+                s.close()
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"no {what} at {ip}:{port} within {timeout:.0f} s: "
+                                      f"{e}") from None
+            time.sleep(0.5)
+
+
+def read_rate(ns: str, ip: str, port: int, seconds: float, timeout: float = 60.0) -> dict:
+    """The rate a guest sends at: from namespace ns, read what the service
+    at ip:port streams for `seconds` from its first byte, then close.
+    {"bytes", "seconds", "mib_s"}."""
+    s = connect_in(ns, ip, port, timeout, "stream service")
+    got, t0 = 0, None
+    buf = bytearray(1 << 16)
+    try:
+        s.settimeout(10.0)
+        while True:
+            n = s.recv_into(buf)
+            if not n:
+                break
+            now = time.monotonic()
+            if t0 is None:
+                t0 = now        # the first byte starts the clock
+                continue
+            got += n
+            if now - t0 >= seconds:
+                break
+    finally:
+        s.close()
+    dt = (time.monotonic() - t0) if t0 is not None else 0.0
+    return {"bytes": got, "seconds": round(dt, 3),
+            "mib_s": round(got / (1 << 20) / dt, 3) if dt > 0 else 0.0}
+
+
 class EchoClient:
     def __init__(self, ns: str, ip: str, port: int, interval: float = 0.02):
         self.ns, self.ip, self.port, self.interval = ns, ip, port, interval
@@ -105,22 +154,7 @@ class EchoClient:
     def connect(self, timeout: float = 60.0) -> None:
         """Connect, retrying while the service does not listen yet (the guest
         starts it in the background) or the guest is not reachable yet."""
-        deadline = time.monotonic() + timeout
-        while True:
-            s = None
-            try:
-                with InNs(self.ns):
-                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                s.settimeout(min(10.0, max(1.0, deadline - time.monotonic())))
-                s.connect((self.ip, self.port))
-                break
-            except OSError as e:   # refused, unreachable, timed out
-                if s is not None:
-                    s.close()
-                if time.monotonic() > deadline:
-                    raise ConnectionError(f"no echo service at {self.ip}:{self.port} "
-                                          f"within {timeout:.0f} s: {e}") from None
-                time.sleep(0.5)
+        s = connect_in(self.ns, self.ip, self.port, timeout, "echo service")
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         s.settimeout(0.2)
         self.sock = s

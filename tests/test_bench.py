@@ -9,7 +9,11 @@ import sys
 import pytest
 
 from hv.bench import charts
-from hv.bench.links import Hosts, LinkError, parse_rate, tbf_args
+from hv.bench.links import CLIENT_IP, TAP, GuestSegment, Hosts, LinkError, parse_rate, tbf_args
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "scripts"))
+import netclient  # noqa: E402  (scripts/netclient.py)
 
 
 def test_link_rates_are_read_as_tc_writes_them():
@@ -47,6 +51,28 @@ def test_hosts_are_joined_by_a_shaped_link_and_removed_after():
         assert server.communicate(timeout=60)[0].strip() == str(1 << 20)
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert h.ns_a not in names and h.ns_b not in names
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip"),
+                    reason="network namespaces need root and iproute2")
+def test_the_guest_segment_reaches_each_hosts_bridge_from_the_client():
+    def ip(*argv):
+        return subprocess.run(["ip", *argv], capture_output=True, text=True, check=True).stdout
+    with Hosts("hv-tseg") as h:
+        seg = GuestSegment("hv-tseg-c", (h.ns_a, h.ns_b)).create()
+        try:
+            assert CLIENT_IP in ip("-n", seg.client_ns, "addr", "show", "br0")
+            for i, ns in enumerate((h.ns_a, h.ns_b)):
+                assert "master br0" in ip("-n", ns, "link", "show", TAP)
+                # an address on the host's bridge answers the client: the
+                # client's switch, the veth and the host's bridge carry frames
+                ip("-n", ns, "addr", "add", f"10.78.0.{201 + i}/24", "dev", "br0")
+                p = netclient.ping(seg.client_ns, f"10.78.0.{201 + i}", count=1)
+                assert p["received"] == 1, p
+        finally:
+            seg.remove()
+    names = ip("netns", "list")
+    assert "hv-tseg-c" not in names and h.ns_a not in names
 
 
 def rows():
@@ -264,24 +290,32 @@ def test_mode_driver_gives_qemu_what_hv_does_by_itself():
 def test_mode_settings_are_the_same_modes_in_each_vmm():
     b = bench()
     P = b.PREFIX
-    assert b.mode_settings("hv", None) == ({}, {})
-    params, caps = b.mode_settings("hv", "precopy")
+    assert b.mode_settings("hv", None, 25) == ({}, {})
+    params, caps = b.mode_settings("hv", "precopy", 25)
     assert params == {P + "max-rounds": b.GIVE_UP_ROUNDS, P + "downtime-strategy": "force"}
     assert caps == {}
-    params, caps = b.mode_settings("hv", "converge")
+    params, caps = b.mode_settings("hv", "converge", 25)
     assert caps == {"auto-converge": True} and params["cpu-throttle-initial"] == 20
-    params, caps = b.mode_settings("qemu", "converge")
+    params, caps = b.mode_settings("qemu", "converge", 25)
     assert caps == {"auto-converge": True}
     assert params == {"cpu-throttle-initial": 20, "cpu-throttle-increment": 10,
                       "max-cpu-throttle": 99}
-    assert b.mode_settings("hv", "postcopy") == ({P + "postcopy-after-rounds": 0},
-                                                 {"postcopy-ram": True})
-    assert b.mode_settings("qemu", "postcopy") == ({}, {"postcopy-ram": True})
+    # postcopy's push on the path's rate in both
+    path = {"max-postcopy-bandwidth": 25 << 20}
+    assert b.mode_settings("hv", "postcopy", 25) == ({P + "postcopy-after-rounds": 0, **path},
+                                                     {"postcopy-ram": True})
+    assert b.mode_settings("qemu", "postcopy", 25) == (path, {"postcopy-ram": True})
     # the dirty workload's guest: the writer in the background, the holder answers
     import argparse
     args = argparse.Namespace(disk_image=None, keep_mib=16, fill_mib=0, dirty_mib=64)
     assert b.guest_command(args) == (f"hvmem dirty 64 {b.DIRTY_RATE} </dev/null & "
                                      f"exec hvmem hold 16")
+    # the net workload's: its address and services first
+    args = argparse.Namespace(disk_image=None, keep_mib=16, fill_mib=0, dirty_mib=0, net=True)
+    cmd = b.guest_command(args)
+    assert cmd.startswith(f"ip addr add {b.GUEST_IP}/24 dev eth0") and \
+        f"-p {b.ECHO_PORT} -e cat " in cmd and f"-p {b.STREAM_PORT} -e cat /dev/zero" in cmd
+    assert cmd.endswith("exec hvmem hold 16")
 
 
 def test_downtime_from_the_events_of_both_vmms():

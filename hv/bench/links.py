@@ -1,13 +1,18 @@
 """Two hosts joined by one link: network namespaces made with pyroute2, a
 veth pair between them, and the link shaped with tbf (`tc qdisc ... tbf`)
 at a rate users have (1gbit, 10gbit). The hosts share the machine's clock
-and filesystem, so QMP sockets and logs stay in a temporary directory."""
+and filesystem, so QMP sockets and logs stay in a temporary directory.
+
+GuestSegment adds the guest's own network apart from that link: a client
+namespace that is also the switch, and in each host a bridge joining the
+switch and the tap of the guest's virtio-net. The guest has one MAC and
+one address wherever it runs."""
 
 from __future__ import annotations
 
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -52,7 +57,7 @@ class Hosts:
     veth pair, each end shaped to rate_bps (None: unlimited)."""
     prefix: str = "hv-link"
     rate_bps: int | None = None
-    subnet: str = "10.78.0"
+    subnet: str = "10.77.0"     # apart from the guest segment's 10.78.0
     mtu: int = 1500
 
     @property
@@ -109,3 +114,69 @@ class Hosts:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+#: the guest's segment: the same MAC and address on every host, the client's
+GUEST_MAC = "52:54:00:4d:49:47"
+GUEST_IP, CLIENT_IP = "10.78.0.10", "10.78.0.100"
+TAP = "tap0"            # each host's, in its own namespace
+
+
+def ip(*argv: str) -> None:
+    r = subprocess.run(["ip", *argv], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise LinkError(f"ip {' '.join(argv)}: {r.stderr.strip() or r.returncode}")
+
+
+@dataclass
+class GuestSegment:
+    """The guest's segment (MTU 1500) between the hosts' namespaces and
+    client_ns: in client_ns a bridge with CLIENT_IP and a veth to each
+    host; in each host a bridge joining that veth (up0) and TAP. Bridges
+    are per namespace, so each is made in its own; without STP a port
+    forwards as soon as it is up. The hosts must exist."""
+    client_ns: str
+    hosts: tuple[str, ...] = field(default_factory=tuple)
+
+    def create(self) -> "GuestSegment":
+        self.remove()
+        ip("netns", "add", self.client_ns)
+        for ns in (*self.hosts, self.client_ns):
+            # no IPv6: its router and listener chatter would reach the guest
+            for conf in ("default", "all"):
+                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                                f"net.ipv6.conf.{conf}.disable_ipv6=1"], capture_output=True)
+        c = self.client_ns
+        ip("-n", c, "link", "add", "br0", "type", "bridge")
+        ip("-n", c, "link", "set", "lo", "up")
+        for i, host in enumerate(self.hosts):
+            port = f"sw-{i}"
+            ip("-n", c, "link", "add", port, "type", "veth", "peer", "name", "up0",
+               "netns", host)
+            ip("-n", c, "link", "set", port, "master", "br0", "up")
+            ip("-n", host, "link", "add", "br0", "type", "bridge")
+            ip("-n", host, "tuntap", "add", "dev", TAP, "mode", "tap")
+            for dev in ("up0", TAP):
+                ip("-n", host, "link", "set", dev, "master", "br0", "up")
+            ip("-n", host, "link", "set", "br0", "up")
+        ip("-n", c, "addr", "add", f"{CLIENT_IP}/24", "dev", "br0")
+        ip("-n", c, "link", "set", "br0", "up")
+        return self
+
+    def remove(self) -> None:
+        """The client's namespace (the hosts' bridges and taps go with them)."""
+        from pyroute2 import netns
+        if self.client_ns in netns.listnetns():
+            netns.remove(self.client_ns)
+
+
+def guest_services(echo_port: int, stream_port: int | None = None) -> str:
+    """The shell line a guest starts its network with: GUEST_IP on eth0, an
+    echo service on echo_port (busybox nc, each connection's bytes sent
+    back), and with stream_port a source of zeros to each connection (what
+    a client reads the guest's sending throughput from)."""
+    line = (f"ip addr add {GUEST_IP}/24 dev eth0; ip link set eth0 up; "
+            f"nc -ll -p {echo_port} -e cat </dev/null >/dev/null 2>&1 & ")
+    if stream_port is not None:
+        line += f"nc -ll -p {stream_port} -e cat /dev/zero </dev/null >/dev/null 2>&1 & "
+    return line
