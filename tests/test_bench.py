@@ -314,7 +314,7 @@ def test_mode_settings_are_the_same_modes_in_each_vmm():
     args = argparse.Namespace(disk_image=None, keep_mib=16, fill_mib=0, dirty_mib=0, net=True)
     cmd = b.guest_command(args)
     assert cmd.startswith(f"ip addr add {b.GUEST_IP}/24 dev eth0") and \
-        f"-p {b.ECHO_PORT} -e cat " in cmd and f"-p {b.STREAM_PORT} -e cat /dev/zero" in cmd
+        f"-p {b.ECHO_PORT} -e cat " in cmd and f"-p {b.STREAM_PORT} -e /tmp/zeros" in cmd
     assert cmd.endswith("exec hvmem hold 16")
 
 

@@ -178,5 +178,7 @@ def guest_services(echo_port: int, stream_port: int | None = None) -> str:
     line = (f"ip addr add {GUEST_IP}/24 dev eth0; ip link set eth0 up; "
             f"nc -ll -p {echo_port} -e cat </dev/null >/dev/null 2>&1 & ")
     if stream_port is not None:
-        line += f"nc -ll -p {stream_port} -e cat /dev/zero </dev/null >/dev/null 2>&1 & "
+        # nc -e runs one program, whatever its build does with arguments
+        line += ("printf '#!/bin/sh\\nexec cat /dev/zero\\n' >/tmp/zeros; chmod +x /tmp/zeros; "
+                 f"nc -ll -p {stream_port} -e /tmp/zeros </dev/null >/dev/null 2>&1 & ")
     return line
