@@ -620,6 +620,11 @@ class QemuMonitor:
             info[PREFIX + "pages-free"] = int(s["free_pages"])
             info[PREFIX + "pages-filled"] = int(s["fill_pages"])
             info[PREFIX + "pages-received"] = int(received)
+            # the destination's part of the downtime: the state restored and
+            # the vCPUs resumed (postcopy: after RAM went under userfaultfd)
+            for key in ("restore_ms", "postcopy_switch_ms"):
+                if s.get(key) is not None:
+                    info[PREFIX + key.replace("_", "-")] = s[key]
             pc = inc.postcopy_stats()
             if pc is not None:
                 info["ram"]["postcopy-bytes"] = int(pc["bytes"])
