@@ -181,6 +181,13 @@ def qmp_migrate(c, uri: str, parameters: dict | None = None, capabilities: dict 
         if on_poll is not None:
             on_poll(q)
         if q.get("status") in FINAL_STATUSES:
+            # QEMU 7.2 says completed a moment before it fills in total-time
+            # and downtime (migration_calculate_complete): ask again for them
+            for _ in range(20):
+                if q.get("status") != "completed" or q.get("total-time"):
+                    break
+                time.sleep(0.05)
+                q = c.execute("query-migrate")
             return q
         if on_poll is not None:
             on_poll(q)
