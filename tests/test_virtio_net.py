@@ -9,7 +9,7 @@ import subprocess
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from netclient import InNs  # scripts/netclient.py: this thread in a namespace
 
@@ -121,6 +121,46 @@ def test_tx_gathers_chain_verbatim(rig):
     assert rig.tx.get_used()
 
 
+def send_tx(rg, data):
+    a = rg.drv.heap.alloc(len(data))
+    rg.mem.write(a, data)
+    rg.tx.add(out=[(a, len(data))])
+    rg.tx.kick()
+    assert rg.wait_used(rg.tx)
+
+
+def tx_header(flags=0, gso=0, hdr_len=0, gso_size=0, csum_start=0, csum_offset=0):
+    import struct
+    return struct.pack("<BBHHHHH", flags, gso, hdr_len, gso_size, csum_start, csum_offset, 0)
+
+
+def test_tx_offloads_pass_to_the_tap_only_when_negotiated():
+    offloads = 1 << N.F_CSUM | 1 << N.F_HOST_TSO4
+    rg = Rig(features=WANT | offloads)
+    try:
+        assert rg.drv.device_features() & offloads == offloads
+        rg.peer.settimeout(2)
+        # a 9000-byte TCP frame left to checksum and segment: to the tap as it is
+        big = frame(9000, 9)
+        tso = tx_header(N.HDR_F_NEEDS_CSUM, N.GSO_TCPV4, 54, 1448, 34, 16)
+        send_tx(rg, tso + big)
+        assert rg.peer.recv(65536) == tso + big
+        # what the guest did not negotiate, and flags only rx may carry: dropped
+        for bad in (tx_header(0, N.GSO_TCPV6), tx_header(0, N.GSO_TCPV4 | N.GSO_ECN),
+                    tx_header(2), tx_header(0, 3)):
+            before = rg.dev.counters["tx_dropped"]
+            send_tx(rg, bad + frame(60))
+            assert rg.dev.counters["tx_dropped"] == before + 1, bad
+    finally:
+        rg.close()
+    rg = Rig()      # no offloads negotiated: a checksum request is dropped
+    try:
+        send_tx(rg, tx_header(N.HDR_F_NEEDS_CSUM, 0, 0, 0, 34, 16) + frame(60))
+        assert rg.dev.counters["tx_dropped"] == 1 and rg.dev.counters["tx_frames"] == 0
+    finally:
+        rg.close()
+
+
 def ctrl_cmd(rig, data):
     a = rig.drv.heap.alloc(len(data))
     ack = rig.drv.heap.alloc(1)
@@ -202,6 +242,8 @@ chain_st = st.lists(st.tuples(st.booleans(), st.integers(0, 2000)), min_size=1, 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                  HealthCheck.function_scoped_fixture])
 @given(queue=st.sampled_from(["rx", "tx", "ctrl"]), bufs=chain_st)
+# a zero-length buffer before the command's two bytes ends nothing
+@example(queue="ctrl", bufs=[(False, 0), (False, 2), (True, 1)])
 def test_malformed_chains_need_reset_or_work(queue, bufs):
     rg = Rig()
     try:

@@ -71,10 +71,11 @@ class DescChain:
         """The device-readable bytes of the chain, concatenated (at most limit)."""
         out = bytearray()
         for d in self.readable:
-            n = d.length if limit is None else min(d.length, limit - len(out))
-            if n <= 0:
+            if limit is not None and len(out) >= limit:
                 break
-            out += memory.read(d.addr, n)
+            n = d.length if limit is None else min(d.length, limit - len(out))
+            if n:       # a zero-length buffer holds nothing, and ends nothing
+                out += memory.read(d.addr, n)
         return bytes(out)
 
     def write_all(self, memory: GuestMemory, data: bytes) -> int:
