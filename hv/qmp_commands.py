@@ -620,16 +620,16 @@ class QemuMonitor:
             info[PREFIX + "pages-free"] = int(s["free_pages"])
             info[PREFIX + "pages-filled"] = int(s["fill_pages"])
             info[PREFIX + "pages-received"] = int(received)
-            # the destination's part of the downtime: the state restored and
-            # the vCPUs resumed (postcopy: after RAM went under userfaultfd)
-            for key in ("restore_ms", "postcopy_switch_ms"):
-                if s.get(key) is not None:
-                    info[PREFIX + key.replace("_", "-")] = s[key]
             pc = inc.postcopy_stats()
             if pc is not None:
                 info["ram"]["postcopy-bytes"] = int(pc["bytes"])
                 info.update({PREFIX + "postcopy-" + k.replace("_", "-"): v
                              for k, v in pc.items()})
+        # the destination's part of the downtime: the state restored and the
+        # vCPUs resumed (postcopy: after RAM went under userfaultfd)
+        for key in ("restore_ms", "postcopy_switch_ms"):
+            if s.get(key) is not None:
+                info[PREFIX + key.replace("_", "-")] = s[key]
         if inc.started_at is not None:
             info["total-time"] = int((now - inc.started_at) * 1000)
         if inc.error and status == "failed":
