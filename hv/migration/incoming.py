@@ -110,6 +110,10 @@ class IncomingMigration:
             for sub in list(getattr(rx, "secondaries", [])):
                 for k in total:
                     total[k] += sub.stats.get(k, 0)
+        # known once the guest runs here, while postcopy still goes on
+        for k in ("restore_ms", "postcopy_switch_ms"):
+            if rx.stats.get(k) is not None:
+                total[k] = rx.stats[k]
         return total
 
     # -- running ----------------------------------------------------------------
