@@ -152,22 +152,6 @@ static int place(int uffd, uint8_t *mem, size_t ps, uint64_t pfn, uint64_t n,
     return 0;
 }
 
-int64_t hv_uffd_zero_ranges(int uffd, uint8_t *mem, size_t page_size, const uint64_t *starts,
-                            const uint64_t *counts, size_t nruns, uint64_t *placed)
-{
-    int64_t total = 0;
-    for (size_t i = 0; i < nruns; i++) {
-        uint64_t skipped = 0;
-        int e = place(uffd, mem, page_size, starts[i], counts[i], NULL, &skipped);
-        if (e)
-            return e;
-        total += (int64_t)(counts[i] - skipped);
-        if (placed)
-            hv_bitmap_set_range(placed, starts[i], counts[i]);
-    }
-    return total;
-}
-
 /* --------------------------------------------------------------- the loop */
 
 int hv_postcopy_init(struct hv_postcopy *pc)
@@ -306,9 +290,11 @@ static int serve_faults(struct hv_postcopy *pc)
             if (pfn >= pc->npages)
                 continue;
             if (bit(pc->placed, pfn)) {
-                /* placed, then discarded (the balloon): it reads as zero
-                 * now, as discarded anonymous memory does; a page placed
-                 * between the fault and this read is only woken */
+                /* counted placed but not mapped: zero or free at the
+                 * switch, or placed and then discarded (the balloon). It
+                 * reads as zero, as discarded anonymous memory does; a
+                 * page placed between the fault and this read is only
+                 * woken */
                 uint64_t skipped = 0;
                 pc->st.refaults++;
                 int e = place(pc->uffd, pc->mem, pc->page_size, pfn, 1, NULL, &skipped);

@@ -36,7 +36,8 @@ struct hv_postcopy_stats {
     uint64_t placed;          /* pages placed with UFFDIO_COPY */
     uint64_t zero_placed;     /* pages placed with UFFDIO_ZEROPAGE (ZERO messages) */
     uint64_t duplicates;      /* pages that arrived when already placed (skipped) */
-    uint64_t refaults;        /* faults on placed pages (discarded since): zero page */
+    uint64_t refaults;        /* faults on pages counted placed but not mapped (zero or
+                                 free at the switch, or discarded since): zero page */
     uint64_t bytes_in;        /* bytes read from the connection */
     uint64_t messages;        /* page messages read */
     uint64_t latency_count;   /* requested pages placed */
@@ -81,10 +82,6 @@ int hv_uffd_wake(int uffd, uint8_t *addr, uint64_t len);
  * missing afterwards and fault to the uffd. 0 or -errno. */
 int hv_discard_ranges(uint8_t *mem, size_t page_size, const uint64_t *starts,
                       const uint64_t *counts, size_t nruns);
-/* UFFDIO_ZEROPAGE over the ranges, skipping pages already there; sets their
- * bits in placed (may be NULL). Returns the pages placed or -errno. */
-int64_t hv_uffd_zero_ranges(int uffd, uint8_t *mem, size_t page_size, const uint64_t *starts,
-                            const uint64_t *counts, size_t nruns, uint64_t *placed);
 
 /* Set up / release the loop's private part (buffers, the write lock). */
 int hv_postcopy_init(struct hv_postcopy *pc);

@@ -171,19 +171,23 @@ def test_page_server_fetches_what_a_gil_holding_thread_touches_and_places_the_re
         hashes = np.zeros(NPAGES, dtype=np.uint64)
         server = PageServer(mem, a.fileno(), held, hashes, timeout_s=20)
         assert server.switch(fetch_s, fetch_c) == len(range(*DIRTY)) + 256
-        assert server.zero_placed == ZERO[1] - ZERO[0]
+        assert server.zero_known == ZERO[1] - ZERO[0]
         server.start()
         got = {}
         # memory.read holds the GIL while it faults: the server runs without it
-        reader = threading.Thread(target=lambda: got.setdefault(
-            "page", mem.read(TOUCHED * PAGE_SIZE, PAGE_SIZE)))
+        reader = threading.Thread(target=lambda: got.update(
+            zero=mem.read(ZERO[0] * PAGE_SIZE, PAGE_SIZE),
+            page=mem.read(TOUCHED * PAGE_SIZE, PAGE_SIZE)))
         reader.start()
         reader.join(20)
+        # a zero page is mapped by the server itself on its first touch
+        assert got.get("zero") == bytes(PAGE_SIZE)
         assert got.get("page") == new(TOUCHED)
         h = server.wait()
         assert h.command == Command.COMPLETE
         st = server.stats()
         assert server.missing == 0 and st["requests"] == 1 and st["zero_placed"] == 2
+        assert st["refaults"] >= 1
         assert st["latency_max_ms"] > 0
         requested = server.requested_bitmap()
         SocketStream(a).send(done_message(server.pc.st))

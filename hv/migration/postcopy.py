@@ -11,9 +11,12 @@ COMPLETE (wire format in hv.migration.protocol). The destination
 1. registers all of guest RAM with userfaultfd (MISSING mode);
 2. drops (MADV_DONTNEED) the pages to fetch: the ones the source dirtied
    since it sent them, and any it never sent, so they fault from now on;
-3. places every page that arrived as free (FREE) or zero (ZERO) and was not
-   dirtied since with UFFDIO_ZEROPAGE, in ranges: such a page is never
-   requested;
+3. counts every page that arrived as free (FREE) or zero (ZERO) and was not
+   dirtied since as placed, without touching it: such a page is never
+   requested. Its first touch faults (it is not mapped) and the page
+   server maps the zero page there itself (UFFDIO_ZEROPAGE), as for a
+   placed page the balloon discarded; the pause does not wait for
+   thousands of scattered ranges to be mapped;
 4. starts the page server (native/postcopy.c, hv_postcopy_serve: no Python
    per page, no GIL) and only then restores the machine state and resumes
    the guest, answering RUNNING. From here on any touch of a missing page,
@@ -120,7 +123,7 @@ class PageServer:
     and the C loop that serves its faults (hv_postcopy_serve).
 
         server = PageServer(memory, sock_fd, holdings, page_hashes, timeout_s)
-        server.switch(fetch_starts, fetch_counts)   # register, drop, zero-place
+        server.switch(fetch_starts, fetch_counts)   # register, drop, count zero pages
         server.start()          # serve on a thread (the guest may fault now)
         ...restore, resume, server.write(RUNNING)...
         header = server.wait()  # the first message that is not pages
@@ -168,8 +171,9 @@ class PageServer:
 
     # -- the switch --------------------------------------------------------
     def switch(self, fetch_starts: np.ndarray, fetch_counts: np.ndarray) -> int:
-        """Register RAM, drop the pages to fetch, place the free and zero ones.
-        Returns the number of pages missing now."""
+        """Register RAM, drop the pages to fetch, count the free and zero ones
+        as placed (mapped on their first touch). Returns the number of pages
+        missing now."""
         t0 = time.monotonic()
         mem, h = self.memory, self.holdings
         fetch = pages.empty_bitmap(self.npages)
@@ -191,18 +195,17 @@ class PageServer:
             _check(lib.hv_discard_ranges(self.pc.mem, PAGE_SIZE, _u64p(s), _u64p(c), len(s)),
                    "postcopy: dropping the pages to fetch")
         t2 = time.monotonic()
-        self.zero_placed = 0
-        for s, c in pages.runs(zero, self.npages):
-            self.zero_placed += _check(lib.hv_uffd_zero_ranges(
-                self.uffd, self.pc.mem, PAGE_SIZE, _u64p(s), _u64p(c), len(s),
-                _u64p(self.placed)), "postcopy: placing zero pages")
+        # zero: never written since they were zero (or free), so not mapped
+        # here (the stream's ZERO dropped any stale page)
+        self.zero_known = pages.count(zero)
+        pages.or_into(self.placed, zero)
         pages.or_into(self.placed, valid)
         self.pc.missing = pages.count(fetch)
         self.fetch_pages = int(self.pc.missing)
         t3 = time.monotonic()
         self.switch_ms = {"register": round((t1 - t0) * 1000, 3),
                           "drop": round((t2 - t1) * 1000, 3),
-                          "zero": round((t3 - t2) * 1000, 3)}
+                          "count": round((t3 - t2) * 1000, 3)}
         return self.fetch_pages
 
     # -- serving -------------------------------------------------------------

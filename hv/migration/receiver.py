@@ -357,7 +357,7 @@ class Receiver:
                             stream.timeout)
         self.server = server
         self.stats["postcopy_fetch_pages"] = server.switch(*self.fetch)
-        self.stats["postcopy_zero_placed"] = server.zero_placed
+        self.stats["postcopy_zero_known"] = server.zero_known
         self.stats["postcopy_switch_ms"] = server.switch_ms
         server.start()
         self._restore_and_resume()
