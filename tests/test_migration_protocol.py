@@ -32,7 +32,7 @@ def test_header_layout():
     h = P.Header(P.Command.MEMORY, 1234).pack()
     assert len(h) == P.HEADER_SIZE == 24
     assert h[:4] == b"HVMG"
-    assert struct.unpack_from("<HHIIQ", h, 4) == (1, 2, 0, 0, 1234)
+    assert struct.unpack_from("<HHIIQ", h, 4) == (P.VERSION, 2, 0, 0, 1234)
 
 
 def test_hello_roundtrip():
@@ -205,8 +205,9 @@ def test_refuses_wrong_version_magic_and_size():
     src = make_src()
     raw = stream_of(*good_messages(src), src=src).f.getvalue()
     bad = bytearray(raw)
-    bad[4] = 2
-    refuse(P.BufferStream(io.BytesIO(bytes(bad)), out=io.BytesIO()), "unsupported protocol version 2")
+    bad[4] = P.VERSION + 1
+    refuse(P.BufferStream(io.BytesIO(bytes(bad)), out=io.BytesIO()),
+           f"unsupported protocol version {P.VERSION + 1}")
     bad = bytearray(raw)
     bad[0:4] = b"QEVM"
     refuse(P.BufferStream(io.BytesIO(bytes(bad)), out=io.BytesIO()), "not an hv migration stream")

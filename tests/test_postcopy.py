@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import signal
 import socket
 import sys
@@ -106,6 +107,49 @@ def test_a_postcopy_without_the_feature_is_refused():
         rx.run(BufferStream(buf, out=io.BytesIO()))
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+def test_the_first_postcopy_is_acknowledged_and_dropped_while_the_source_runs(channels):
+    """Sent before the pause: its pages are dropped at once over one
+    connection; with more, another connection may still carry older copies
+    of them, so they wait for the switch. A second POSTCOPY (paused) adds
+    pages and is not answered."""
+    from hv.migration.protocol import FEATURES, Hello, cancel
+    from hv.migration.receiver import Receiver
+    mem = GuestMemory(NPAGES * PAGE_SIZE)
+    a, b = socket.socketpair()
+    src = SocketStream(a, timeout=10)
+    rx = Receiver(mem)
+    done = threading.Thread(target=lambda: pytest.raises(Exception, rx.run,
+                                                         SocketStream(b, timeout=10)),
+                            daemon=True)
+    done.start()
+    try:
+        src.send(Hello(PAGE_SIZE, mem.size, FEATURES, channels, 0, 7))
+        assert src.recv(NPAGES).acked == Command.HELLO
+        src.send(Ranges(Command.MEMORY, [100], [100], data=bytes([7]) * 100 * PAGE_SIZE))
+        src.send(Ranges(Command.POSTCOPY, [120], [10]))
+        # a message header is waited for without a timeout: bound it here
+        assert select.select([a], [], [], 10)[0], "the first POSTCOPY was not answered"
+        assert src.recv(NPAGES).acked == Command.POSTCOPY
+        dropped = mem.read(120 * PAGE_SIZE, 10 * PAGE_SIZE)
+        assert dropped == (bytes(10 * PAGE_SIZE) if channels == 1
+                           else bytes([7]) * 10 * PAGE_SIZE)
+        assert mem.read(119 * PAGE_SIZE, PAGE_SIZE) == bytes([7]) * PAGE_SIZE
+        src.send(Ranges(Command.POSTCOPY, [130], [5]))
+        src.send(cancel("test over"))
+        done.join(10)
+        assert not done.is_alive()
+        assert [c.tolist() for _, c in rx.fetch] == [[10], [5]]
+        assert mem.read(130 * PAGE_SIZE, PAGE_SIZE) == bytes([7]) * PAGE_SIZE
+    finally:
+        for end in (a, b):      # wakes a receive still blocked in the kernel
+            try:
+                end.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            end.close()
+
+
 # ------------------------------------------------------- the page server
 
 def fake_source(sock: socket.socket, fetch: np.ndarray) -> int:
@@ -170,7 +214,7 @@ def test_page_server_fetches_what_a_gil_holding_thread_touches_and_places_the_re
     try:
         hashes = np.zeros(NPAGES, dtype=np.uint64)
         server = PageServer(mem, a.fileno(), held, hashes, timeout_s=20)
-        assert server.switch(fetch_s, fetch_c) == len(range(*DIRTY)) + 256
+        assert server.switch([(fetch_s, fetch_c)]) == len(range(*DIRTY)) + 256
         assert server.zero_known == ZERO[1] - ZERO[0]
         server.start()
         got = {}
@@ -220,7 +264,7 @@ def test_page_server_refuses_a_page_message_outside_memory():
     a, b = socket.socketpair()
     try:
         server = PageServer(mem, a.fileno(), Holdings(mem), None, timeout_s=5)
-        server.switch(*rng(0, 8))
+        server.switch([rng(0, 8)])
         SocketStream(b).send(Ranges(Command.ZERO, [NPAGES - 1], [4]))
         with pytest.raises(ProtocolError, match="outside guest memory"):
             server.serve()
@@ -235,7 +279,7 @@ def test_page_server_says_when_the_source_is_gone():
     a, b = socket.socketpair()
     try:
         server = PageServer(mem, a.fileno(), Holdings(mem), None, timeout_s=5)
-        server.switch(*rng(0, 8))
+        server.switch([rng(0, 8)])
         b.close()
         with pytest.raises(MigrationError, match="connection to the source was lost"):
             server.serve()

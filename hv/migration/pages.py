@@ -72,6 +72,13 @@ def set_range(bm: np.ndarray, start: int, n: int) -> None:
     lib.hv_bitmap_set_range(_u64p(bm), start, n)
 
 
+def assign_ranges(bm: np.ndarray, starts: np.ndarray, counts: np.ndarray, value: int) -> None:
+    """Set (value 1) or clear (0) the bits of every range of a range table."""
+    if len(starts):
+        lib.hv_bitmap_assign_ranges(_u64p(bm), _u64p(starts), _u64p(counts), len(starts),
+                                    value)
+
+
 def runs(bm: np.ndarray, npages: int, max_len: int = 0,
          max_runs: int = MAX_RUNS, pos: int = 0):
     """Yield (starts, counts) tables of at most max_runs runs each, covering

@@ -118,12 +118,21 @@ class Holdings:
                                     len(starts), 0 if is_data else 1)
 
 
+def drop_pages(memory, bm: np.ndarray) -> None:
+    """Drop the pages set in bm (MADV_DONTNEED): unregistered they read as
+    zero, registered with userfaultfd they fault."""
+    base = ffi.cast("uint8_t *", memory.host_addr)
+    for s, c in pages.runs(bm, memory.npages):
+        _check(lib.hv_discard_ranges(base, PAGE_SIZE, _u64p(s), _u64p(c), len(s)),
+               "postcopy: dropping the pages to fetch")
+
+
 class PageServer:
     """The destination's side after the switch: guest RAM under userfaultfd
     and the C loop that serves its faults (hv_postcopy_serve).
 
         server = PageServer(memory, sock_fd, holdings, page_hashes, timeout_s)
-        server.switch(fetch_starts, fetch_counts)   # register, drop, count zero pages
+        server.switch(fetch_sets, dropped)  # register, drop, count zero pages
         server.start()          # serve on a thread (the guest may fault now)
         ...restore, resume, server.write(RUNNING)...
         header = server.wait()  # the first message that is not pages
@@ -170,16 +179,16 @@ class PageServer:
         self._closed = False
 
     # -- the switch --------------------------------------------------------
-    def switch(self, fetch_starts: np.ndarray, fetch_counts: np.ndarray) -> int:
-        """Register RAM, drop the pages to fetch, count the free and zero ones
-        as placed (mapped on their first touch). Returns the number of pages
-        missing now."""
+    def switch(self, fetch_sets: list, dropped: np.ndarray | None = None) -> int:
+        """Register RAM, drop the pages to fetch (fetch_sets: the POSTCOPY
+        messages' (starts, counts); dropped: those dropped already), count
+        the free and zero ones as placed (mapped on their first touch).
+        Returns the number of pages missing now."""
         t0 = time.monotonic()
         mem, h = self.memory, self.holdings
         fetch = pages.empty_bitmap(self.npages)
-        if len(fetch_starts):
-            lib.hv_bitmap_assign_ranges(_u64p(fetch), _u64p(fetch_starts),
-                                        _u64p(fetch_counts), len(fetch_starts), 1)
+        for starts, counts in fetch_sets:
+            pages.assign_ranges(fetch, starts, counts, 1)
         # anything the stream never said is fetched too
         held = h.data | h.zero
         unheld, _ = pages.andnot(self.ram, held)
@@ -191,9 +200,8 @@ class PageServer:
                    "postcopy: registering guest RAM with userfaultfd")
         self.registered = True
         t1 = time.monotonic()
-        for s, c in pages.runs(fetch, self.npages):
-            _check(lib.hv_discard_ranges(self.pc.mem, PAGE_SIZE, _u64p(s), _u64p(c), len(s)),
-                   "postcopy: dropping the pages to fetch")
+        drop, _ = pages.andnot(fetch, dropped) if dropped is not None else (fetch, None)
+        drop_pages(mem, drop)
         t2 = time.monotonic()
         # zero: never written since they were zero (or free), so not mapped
         # here (the stream's ZERO dropped any stale page)

@@ -29,10 +29,12 @@ Commands and their payloads:
     FREE    12  range table (the source skipped these pages as free: their
                 content is undefined, the destination discards its copy so
                 that they cost it no memory; no data)
-    POSTCOPY 13 range table, possibly empty: the switch to postcopy. The
-                source is paused; these pages are not valid on the
-                destination (dirtied since they were sent, or never sent)
-                and will come after the guest resumes there
+    POSTCOPY 13 range table, possibly empty: the switch to postcopy; these
+                pages are not valid on the destination (dirtied since they
+                were sent) and will come after the guest resumes there. The
+                first comes while the source still runs the guest (the
+                pages dirty so far): the destination drops them and answers
+                ACK; the second, paused, adds those dirtied since
     REQUEST 14  range table (destination -> source, the return path): the
                 guest faulted on these pages; send them ahead of the rest
     DONE    15  faults u64, latency sum ns u64, latency max ns u64, latency
@@ -78,11 +80,16 @@ Message sequence (one connection; `connections: N` opens N, see below):
     source resumes its guest.
 
 Postcopy (FEATURE_POSTCOPY in HELLO; hv.migration.postcopy): instead of
-the final pause's last pages, the source sends, paused,
+the final pause's last pages, the source sends, still running,
 
-      |-- POSTCOPY (pages to fetch) ------>|  registers RAM with userfaultfd,
-      |-- STATE -------------------------->|  drops the pages to fetch, places
-      |-- COMPLETE ----------------------->|  free and zero pages, restores,
+      |-- POSTCOPY (dirty so far) -------->|  drops them (one connection;
+      |<-------------------- ACK ----------|  with more, at the switch)
+
+and then, paused,
+
+      |-- POSTCOPY (dirtied since) ------->|  registers RAM with userfaultfd,
+      |-- STATE -------------------------->|  drops the rest to fetch (and
+      |-- COMPLETE ----------------------->|  what was never sent), restores,
       |<--------------------- RUNNING -----|  resumes: the guest runs there
       |<-------------- REQUEST (faults) ---|  a fault asks for its page;
       |-- MEMORY / ZERO (asked first) ---->|  the rest follows in the
@@ -115,7 +122,8 @@ naming what was expected):
                               |             +--COMPLETE--> COMPLETE
                               |                   (restore, resume,
                               |                    send RUNNING)
-                              +--POSTCOPY--> POSTCOPY --STATE--> POSTCOPY
+                              +--POSTCOPY--> POSTCOPY --POSTCOPY|STATE--> POSTCOPY
+                                       (ACK)
                                                |
                                                +--COMPLETE--> POSTCOPY_ACTIVE
                                                     (resume; pages are served
@@ -138,7 +146,7 @@ from ..errors import HvError
 from . import pages
 
 MAGIC = b"HVMG"
-VERSION = 1
+VERSION = 2     # 2: POSTCOPY comes twice, the first answered with ACK
 HEADER = struct.Struct("<4sHHIIQ")
 HEADER_SIZE = HEADER.size  # 24
 HELLO = struct.Struct("<IHHQQQ")

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..memory import PAGE_SIZE
 from . import pages
-from .postcopy import Holdings, PageServer, PostcopyFailed, done_message
+from .postcopy import Holdings, PageServer, PostcopyFailed, done_message, drop_pages
 from .protocol import (
     DATA_COMMANDS, FEATURE_POSTCOPY, FEATURE_VERIFY, FEATURES, VERSION, Command, Control,
     Header, Hello, MigrationError, PeerError, ProtocolError, Ranges, Stream, ack, error, reason)
@@ -72,6 +72,7 @@ TRANSITIONS = {
     (State.STATE, Command.VERIFY): State.STATE,
     (State.STATE, Command.COMPLETE): State.COMPLETE,
     (State.MEMORY, Command.POSTCOPY): State.POSTCOPY,
+    (State.POSTCOPY, Command.POSTCOPY): State.POSTCOPY,
     (State.POSTCOPY, Command.STATE): State.POSTCOPY,
     (State.POSTCOPY, Command.COMPLETE): State.POSTCOPY_ACTIVE,
     (State.POSTCOPY_ACTIVE, Command.VERIFY): State.POSTCOPY_ACTIVE,
@@ -147,7 +148,8 @@ class Receiver:
         self.holdings: Holdings | None = None
         self.pause = pause
         self.on_postcopy = on_postcopy
-        self.fetch: tuple[np.ndarray, np.ndarray] | None = None   # POSTCOPY's table
+        self.fetch: list[tuple[np.ndarray, np.ndarray]] = []    # the POSTCOPY tables
+        self.dropped: np.ndarray | None = None      # the pages of the first, dropped
         self.server: PageServer | None = None       # after the switch
         self.resumed_at = None                      # postcopy: the guest runs
 
@@ -344,7 +346,18 @@ class Receiver:
             raise ProtocolError("POSTCOPY, but the source's HELLO did not announce postcopy")
         if not isinstance(stream, SocketStream):
             raise ProtocolError("postcopy needs a plain TCP connection (not TLS)")
-        self.fetch = (msg.starts, msg.counts)
+        self.fetch.append((msg.starts, msg.counts))
+        if self.state != State.MEMORY:
+            return      # paused there: the pages dirtied since the first
+        # The first, sent while the guest still runs on the source: drop its
+        # pages now, the slow part of the switch. Over one connection nothing
+        # sent before it lands after it; other connections may still hold
+        # older copies of these pages, so with them the switch drops them all.
+        if self.hello.channels == 1:
+            self.dropped = pages.empty_bitmap(self.memory.npages)
+            pages.assign_ranges(self.dropped, msg.starts, msg.counts, 1)
+            drop_pages(self.memory, self.dropped)
+        stream.send(ack(Command.POSTCOPY))
 
     def _postcopy_switch(self, stream: Stream) -> None:
         """COMPLETE after POSTCOPY: RAM under userfaultfd, the page server
@@ -356,7 +369,7 @@ class Receiver:
         server = PageServer(self.memory, stream.fd, self.holdings, self.page_hashes,
                             stream.timeout)
         self.server = server
-        self.stats["postcopy_fetch_pages"] = server.switch(*self.fetch)
+        self.stats["postcopy_fetch_pages"] = server.switch(self.fetch, self.dropped)
         self.stats["postcopy_zero_known"] = server.zero_known
         self.stats["postcopy_switch_ms"] = server.switch_ms
         server.start()

@@ -945,6 +945,15 @@ class Migration:
         from .postcopy import PostcopySource
         p = self.p
         self._hint_done()
+        st0 = self.streams[0]
+        # The pages to fetch known now go first, while the guest still runs
+        # here: the destination drops them (the slow part of its switch,
+        # one madvise per run) and says so before the pause.
+        s, c = pages.all_runs(dirty, self.npages)
+        n = st0.send(Ranges(Command.POSTCOPY, s, c))
+        self._expect_ack(st0.recv(self.npages), Command.POSTCOPY)
+        with self._lock:
+            self.s.bytes_sent += n
         parts = {}
         pause_t = time.monotonic()
         self.machine.pause(PAUSE_MIGRATION)
@@ -957,7 +966,7 @@ class Migration:
         machine_state = self.machine.save_state()
         t2 = time.monotonic()
         parts["save"] = (t2 - t) * 1000
-        fetch = dirty
+        fetch = dirty.copy()
         more = self._sync()
         pages.or_into(fetch, more)
         pages.or_into(ever_dirty, more)
@@ -973,10 +982,9 @@ class Migration:
         self._storage_released = True
         for extra in self.streams[1:]:
             extra.send(Control(Command.COMPLETE))
-        st0 = self.streams[0]
         # from now on everything goes over connection 0
         st0.set_rate(int(p.max_postcopy_bandwidth_mib * (1 << 20)))
-        s, c = pages.all_runs(fetch, self.npages)
+        s, c = pages.all_runs(more, self.npages)       # dirtied since the first
         sent = st0.send(Ranges(Command.POSTCOPY, s, c))
         sent += st0.send(state_message(machine_state))
         st0.send(Control(Command.COMPLETE))
