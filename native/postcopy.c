@@ -20,7 +20,6 @@
 /* hv's wire protocol (hv.migration.protocol): the header and the commands
  * the loop handles itself. */
 #define HV_MAGIC "HVMG"
-#define HV_VERSION 1
 #define HV_HEADER 24
 #define CMD_MEMORY 2
 #define CMD_ZERO 3
@@ -223,10 +222,10 @@ static int fail(struct hv_postcopy *pc, const char *what)
     return -EPROTO;
 }
 
-static void put_header(uint8_t *h, uint16_t cmd, uint64_t length)
+static void put_header(uint8_t *h, uint16_t version, uint16_t cmd, uint64_t length)
 {
     memcpy(h, HV_MAGIC, 4);
-    uint16_t v = HV_VERSION;
+    uint16_t v = version;
     uint32_t zero = 0;
     memcpy(h + 4, &v, 2);
     memcpy(h + 6, &cmd, 2);
@@ -260,7 +259,7 @@ static int request(struct hv_postcopy *pc, uint64_t *pfns, size_t n)
     uint32_t pattern = 0;
     memcpy(msg + HV_HEADER, &runs, 4);
     memcpy(msg + HV_HEADER + 4, &pattern, 4);
-    put_header(msg, CMD_REQUEST, 8 + 16 * (uint64_t)runs);
+    put_header(msg, pc->version, CMD_REQUEST, 8 + 16 * (uint64_t)runs);
     pc->st.request_msgs++;
     return hv_postcopy_write(pc, msg, HV_HEADER + 8 + 16 * (size_t)runs);
 }
@@ -393,7 +392,7 @@ static int take_header(struct hv_postcopy *pc, struct pc_priv *p, int *done)
     memcpy(&flags, h + 8, 4);
     memcpy(&reserved, h + 12, 4);
     memcpy(&p->length, h + 16, 8);
-    if (memcmp(h, HV_MAGIC, 4) != 0 || version != HV_VERSION)
+    if (memcmp(h, HV_MAGIC, 4) != 0 || version != pc->version)
         return fail(pc, "not an hv migration header (bad magic or version)");
     if (cmd != CMD_MEMORY && cmd != CMD_ZERO) {
         memcpy(pc->header, h, HV_HEADER);

@@ -52,6 +52,8 @@ struct hv_postcopy {
     int timeout_ms;           /* nothing from the source this long: -ETIMEDOUT */
     uint8_t *mem;             /* host address of guest physical address 0 */
     uint64_t page_size;
+    uint16_t version;         /* hv.migration.protocol.VERSION: written in each
+                                 header, expected in each header read */
     uint64_t npages;          /* pages from GPA 0 to the end of RAM */
     uint64_t hole_first;      /* pfns [hole_first, hole_end) are not RAM */
     uint64_t hole_end;

@@ -61,8 +61,8 @@ import numpy as np
 from .._pages import ffi, lib
 from ..memory import PAGE_SIZE
 from . import pages
-from .protocol import (DONE, Command, Control, MigrationError, PeerError, ProtocolError, Ranges,
-                       parse_header)
+from .protocol import (DONE, VERSION, Command, Control, MigrationError, PeerError, ProtocolError,
+                       Ranges, parse_header)
 
 
 class PostcopyFailed(MigrationError):
@@ -162,6 +162,7 @@ class PageServer:
         pc.timeout_ms = -1 if timeout_s is None else max(1, int(timeout_s * 1000))
         pc.mem = ffi.cast("uint8_t *", memory.host_addr)
         pc.page_size = PAGE_SIZE
+        pc.version = VERSION
         pc.npages = self.npages
         regions = memory.ram_pfn_regions()
         if len(regions) > 1:
