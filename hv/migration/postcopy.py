@@ -112,10 +112,8 @@ class Holdings:
         if not len(starts):
             return
         is_data = command in (Command.MEMORY, Command.FILL)
-        lib.hv_bitmap_assign_ranges(_u64p(self.data), _u64p(starts), _u64p(counts),
-                                    len(starts), 1 if is_data else 0)
-        lib.hv_bitmap_assign_ranges(_u64p(self.zero), _u64p(starts), _u64p(counts),
-                                    len(starts), 0 if is_data else 1)
+        pages.assign_ranges(self.data, starts, counts, 1 if is_data else 0)
+        pages.assign_ranges(self.zero, starts, counts, 0 if is_data else 1)
 
 
 def drop_pages(memory, bm: np.ndarray) -> None:
@@ -453,8 +451,7 @@ class PostcopySource:
         if len(ds):
             n += self.stream.send(Ranges(Command.MEMORY, ds, dc), self.memory)
             m._record_hashes(ds, dc)
-        lib.hv_bitmap_assign_ranges(_u64p(self.remaining), _u64p(starts), _u64p(counts),
-                                    len(starts), 0)
+        pages.assign_ranges(self.remaining, starts, counts, 0)
         npg = int(counts.sum())
         self.left -= npg
         with m._lock:
@@ -478,7 +475,7 @@ class PostcopySource:
         while self._requests:
             t, s, c = self._requests.popleft()
             arrived.append(t)
-            lib.hv_bitmap_assign_ranges(_u64p(asked), _u64p(s), _u64p(c), len(s), 1)
+            pages.assign_ranges(asked, s, c, 1)
         pages.or_into(self.requested, asked)
         todo = asked & self.remaining
         nxt = None
